@@ -1,0 +1,1 @@
+"""sftjax: supervised instruction fine-tuning of Llama-architecture models in JAX/Flax NNX."""

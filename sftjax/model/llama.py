@@ -1,0 +1,257 @@
+"""Flax NNX Llama-2: RMSNorm, rotary embeddings (HF rotate-half), grouped-query attention, SwiGLU.
+
+Owns the architecture and the logical axis names of every parameter. It does not own how those
+names map to devices (sharding.py) nor the Hugging Face key table (model/hf_io.py). The rotary
+convention is Hugging Face's `LlamaForCausalLM`, so imported weights need no permutation.
+
+Shape legend: B batch, L seq, D embed, N q-heads, K kv-heads, H head_dim, F mlp, V vocab.
+Calling convention: `model(tokens_BL, positions_BL, segment_ids_BL) -> logits_BLV`; positions
+restart at 0 for each packed example and segment id 0 marks padding.
+"""
+
+import dataclasses
+import math
+from typing import Literal
+
+import jax
+import jax.numpy as jnp
+from flax import nnx
+
+from sftjax import sharding
+from sftjax.model import attention
+
+Remat = Literal["none", "full", "save_dots"]
+
+
+@dataclasses.dataclass(frozen=True)
+class LlamaConfig:
+    """Architecture and numerics; `LlamaConfig(**config.model)` minus the keys that aren't ours."""
+
+    vocab_size: int
+    embed_dim: int
+    mlp_dim: int
+    num_layers: int
+    num_heads: int
+    num_kv_heads: int
+    max_seq_len: int
+    head_dim: int | None = None  # None: embed_dim // num_heads (every Llama-2 size)
+    rope_theta: float = 10000.0
+    norm_eps: float = 1e-5
+    tie_embeddings: bool = False
+    param_dtype: str = "float32"  # master weights
+    dtype: str = "bfloat16"  # matmul / activation compute
+    scan_layers: bool = False
+    remat: Remat = "none"
+    attention: str = "xla"
+    init_std: float = 0.02
+
+    def __post_init__(self):
+        if self.num_heads % self.num_kv_heads:
+            raise ValueError(
+                f"num_heads={self.num_heads} must be a multiple of num_kv_heads={self.num_kv_heads}"
+            )
+        if self.head_dim is None:
+            if self.embed_dim % self.num_heads:
+                raise ValueError(f"embed_dim={self.embed_dim} not divisible by {self.num_heads=}")
+            object.__setattr__(self, "head_dim", self.embed_dim // self.num_heads)
+        if self.head_dim % 2:
+            raise ValueError(f"head_dim={self.head_dim} must be even for rotary embeddings")
+
+    @property
+    def num_params(self) -> int:
+        """Exact parameter count (no int32 overflow: pure Python ints)."""
+        d, f, n, k = self.embed_dim, self.mlp_dim, self.num_heads, self.num_kv_heads
+        h = self.head_dim
+        attn = d * n * h * 2 + d * k * h * 2
+        block = attn + 3 * d * f + 2 * d
+        head = 0 if self.tie_embeddings else d * self.vocab_size
+        return self.vocab_size * d + self.num_layers * block + d + head
+
+
+_LLAMA2 = dict(vocab_size=32000, max_seq_len=4096, norm_eps=1e-5, rope_theta=10000.0)
+PRESETS = {
+    "llama2_7b": dict(_LLAMA2, embed_dim=4096, mlp_dim=11008, num_layers=32, num_heads=32,
+                      num_kv_heads=32),
+    "llama2_13b": dict(_LLAMA2, embed_dim=5120, mlp_dim=13824, num_layers=40, num_heads=40,
+                       num_kv_heads=40),
+    "llama2_70b": dict(_LLAMA2, embed_dim=8192, mlp_dim=28672, num_layers=80, num_heads=64,
+                       num_kv_heads=8),
+    "tiny": dict(vocab_size=512, embed_dim=64, mlp_dim=172, num_layers=2, num_heads=8,
+                 num_kv_heads=4, max_seq_len=512),
+}  # fmt: skip
+
+
+def preset(name: str, **overrides) -> LlamaConfig:
+    """A named architecture, e.g. preset("llama2_7b", scan_layers=True)."""
+    if name not in PRESETS:
+        raise ValueError(f"unknown preset {name!r}; choose one of {sorted(PRESETS)}")
+    return LlamaConfig(**{**PRESETS[name], **overrides})
+
+
+def _param(rngs: nnx.Rngs, cfg: LlamaConfig, shape, names, std: float) -> nnx.Param:
+    value = std * jax.random.normal(rngs.params(), shape, dtype=jnp.dtype(cfg.param_dtype))
+    return nnx.Param(value, out_sharding=names)
+
+
+class RMSNorm(nnx.Module):
+    """x / rms(x) * w, normalised in fp32 then cast back before the scale (as HF does)."""
+
+    def __init__(self, cfg: LlamaConfig):
+        self.eps = cfg.norm_eps
+        self.weight = nnx.Param(
+            jnp.ones((cfg.embed_dim,), jnp.dtype(cfg.param_dtype)), out_sharding=("norm",)
+        )
+
+    def __call__(self, x_BLD: jax.Array) -> jax.Array:
+        x32 = x_BLD.astype(jnp.float32)
+        normed = x32 * jax.lax.rsqrt(jnp.mean(x32 * x32, axis=-1, keepdims=True) + self.eps)
+        return normed.astype(x_BLD.dtype) * self.weight[...].astype(x_BLD.dtype)
+
+
+def rotary(x_BLNH: jax.Array, positions_BL: jax.Array, theta: float) -> jax.Array:
+    """HF rotate-half RoPE: pairs (i, i + H/2) rotate by position * theta^(-2i/H), in fp32."""
+    head_dim = x_BLNH.shape[-1]
+    inv_freq = 1.0 / theta ** (jnp.arange(0, head_dim, 2, dtype=jnp.float32) / head_dim)
+    angles_BLh = positions_BL.astype(jnp.float32)[:, :, None] * inv_freq[None, None, :]
+    cos = jnp.cos(angles_BLh)[:, :, None, :]
+    sin = jnp.sin(angles_BLh)[:, :, None, :]
+    x1, x2 = jnp.split(x_BLNH.astype(jnp.float32), 2, axis=-1)
+    out = jnp.concatenate([x1 * cos - x2 * sin, x2 * cos + x1 * sin], axis=-1)
+    return out.astype(x_BLNH.dtype)
+
+
+class Attention(nnx.Module):
+    def __init__(self, cfg: LlamaConfig, rngs: nnx.Rngs):
+        d, n, k, h, std = cfg.embed_dim, cfg.num_heads, cfg.num_kv_heads, cfg.head_dim, cfg.init_std
+        self.cfg = cfg
+        self.q = _param(rngs, cfg, (d, n, h), ("embed", "heads", "head_dim"), std)
+        self.k = _param(rngs, cfg, (d, k, h), ("embed", "kv_heads", "head_dim"), std)
+        self.v = _param(rngs, cfg, (d, k, h), ("embed", "kv_heads", "head_dim"), std)
+        self.o = _param(rngs, cfg, (n, h, d), ("heads", "head_dim", "embed"), std)
+
+    def __call__(self, x_BLD, positions_BL, segment_ids_BL) -> jax.Array:
+        dt = x_BLD.dtype
+        q_BLNH = jnp.einsum("bld,dnh->blnh", x_BLD, self.q[...].astype(dt))
+        k_BLKH = jnp.einsum("bld,dkh->blkh", x_BLD, self.k[...].astype(dt))
+        v_BLKH = jnp.einsum("bld,dkh->blkh", x_BLD, self.v[...].astype(dt))
+        q_BLNH = sharding.constrain(q_BLNH, ("batch", "seq", "heads", None))
+        q_BLNH = rotary(q_BLNH, positions_BL, self.cfg.rope_theta)
+        k_BLKH = rotary(k_BLKH, positions_BL, self.cfg.rope_theta)
+        out_BLNH = attention.attend(
+            q_BLNH, k_BLKH, v_BLKH, segment_ids_BL, implementation=self.cfg.attention
+        )
+        return jnp.einsum("blnh,nhd->bld", out_BLNH, self.o[...].astype(dt))
+
+
+class Mlp(nnx.Module):
+    """SwiGLU: down(silu(gate x) * up x)."""
+
+    def __init__(self, cfg: LlamaConfig, rngs: nnx.Rngs):
+        d, f, std = cfg.embed_dim, cfg.mlp_dim, cfg.init_std
+        self.gate = _param(rngs, cfg, (d, f), ("embed", "mlp"), std)
+        self.up = _param(rngs, cfg, (d, f), ("embed", "mlp"), std)
+        self.down = _param(rngs, cfg, (f, d), ("mlp", "embed"), std)
+
+    def __call__(self, x_BLD: jax.Array) -> jax.Array:
+        dt = x_BLD.dtype
+        gate_BLF = jnp.einsum("bld,df->blf", x_BLD, self.gate[...].astype(dt))
+        up_BLF = jnp.einsum("bld,df->blf", x_BLD, self.up[...].astype(dt))
+        hidden_BLF = sharding.constrain(jax.nn.silu(gate_BLF) * up_BLF, ("batch", "seq", "mlp"))
+        return jnp.einsum("blf,fd->bld", hidden_BLF, self.down[...].astype(dt))
+
+
+class Block(nnx.Module):
+    def __init__(self, cfg: LlamaConfig, rngs: nnx.Rngs):
+        self.attention_norm = RMSNorm(cfg)
+        self.attention = Attention(cfg, rngs)
+        self.mlp_norm = RMSNorm(cfg)
+        self.mlp = Mlp(cfg, rngs)
+
+    def __call__(self, x_BLD, positions_BL, segment_ids_BL) -> jax.Array:
+        x_BLD = x_BLD + self.attention(self.attention_norm(x_BLD), positions_BL, segment_ids_BL)
+        x_BLD = x_BLD + self.mlp(self.mlp_norm(x_BLD))
+        return sharding.constrain(x_BLD, ("batch", "seq", None))
+
+
+def _remat(fn, policy: Remat):
+    if policy == "none":
+        return fn
+    if policy == "full":
+        return jax.checkpoint(fn, static_argnums=(0,))
+    if policy == "save_dots":
+        saveable = jax.checkpoint_policies.dots_with_no_batch_dims_saveable
+        return jax.checkpoint(fn, static_argnums=(0,), policy=saveable)
+    raise ValueError(f"remat={policy!r} not in ('none', 'full', 'save_dots')")
+
+
+class Llama(nnx.Module):
+    """Decoder-only Llama; `scan_layers` stacks blocks on a leading `layers` axis."""
+
+    def __init__(self, cfg: LlamaConfig, *, rngs: nnx.Rngs):
+        self.cfg = cfg
+        v, d = cfg.vocab_size, cfg.embed_dim
+        # The table is sharded over `embed` only: sharding the gather's vocab axis over
+        # `tensor` makes XLA rematerialise the whole table (JAX_NOTES).
+        self.embedding = _param(rngs, cfg, (v, d), ("vocab_table", "embed"), 1.0)
+        if cfg.scan_layers:
+            self.layers = _stacked_blocks(cfg, rngs)
+        else:
+            self.layers = nnx.List([Block(cfg, rngs) for _ in range(cfg.num_layers)])
+        self.final_norm = RMSNorm(cfg)
+        if not cfg.tie_embeddings:
+            self.lm_head = _param(rngs, cfg, (d, v), ("embed", "vocab"), cfg.init_std)
+
+    def __call__(self, tokens_BL, positions_BL, segment_ids_BL) -> jax.Array:
+        dt = jnp.dtype(self.cfg.dtype)
+        x_BLD = jnp.take(self.embedding[...], tokens_BL, axis=0).astype(dt)
+        x_BLD = sharding.constrain(x_BLD, ("batch", "seq", None))
+
+        def run_block(graphdef, block_state, x):
+            return nnx.merge(graphdef, block_state)(x, positions_BL, segment_ids_BL)
+
+        run_block = _remat(run_block, self.cfg.remat)
+        if self.cfg.scan_layers:
+            graphdef, stacked = nnx.split(self.layers)
+
+            def body(x, block_state):
+                return run_block(graphdef, block_state, x), None
+
+            x_BLD, _ = jax.lax.scan(body, x_BLD, stacked)
+        else:
+            for block in self.layers:
+                x_BLD = run_block(*nnx.split(block), x_BLD)
+
+        x_BLD = self.final_norm(x_BLD)
+        if self.cfg.tie_embeddings:
+            logits_BLV = jnp.einsum("bld,vd->blv", x_BLD, self.embedding[...].astype(dt))
+        else:
+            logits_BLV = jnp.einsum("bld,dv->blv", x_BLD, self.lm_head[...].astype(dt))
+        return sharding.constrain(logits_BLV, ("batch", "seq", "vocab"))
+
+
+def _stacked_blocks(cfg: LlamaConfig, rngs: nnx.Rngs) -> Block:
+    @nnx.split_rngs(splits=cfg.num_layers)
+    @nnx.vmap(in_axes=0, out_axes=0, transform_metadata={nnx.PARTITION_NAME: "layers"})
+    def make(rngs: nnx.Rngs) -> Block:
+        return Block(cfg, rngs)
+
+    return make(rngs)
+
+
+def count_params(model: nnx.Module) -> int:
+    """Parameters actually held by a (possibly abstract) model."""
+    return sum(math.prod(x.shape) for x in jax.tree.leaves(nnx.state(model, nnx.Param)))
+
+
+def create(cfg: LlamaConfig, mesh: jax.sharding.Mesh, *, seed: int = 0,
+           rules: sharding.Rules = sharding.DEFAULT_RULES) -> Llama:
+    """Random init under jit: every parameter is born in its sharding (70B never sits on one host)."""
+    with jax.set_mesh(mesh), nnx.logical_axis_rules(rules):
+        return nnx.jit(lambda: Llama(cfg, rngs=nnx.Rngs(seed)))()
+
+
+def abstract(cfg: LlamaConfig, mesh: jax.sharding.Mesh,
+             rules: sharding.Rules = sharding.DEFAULT_RULES) -> Llama:
+    """Shapes, dtypes and shardings only (no memory): for loading, planning and eval_shape tests."""
+    with jax.set_mesh(mesh), nnx.logical_axis_rules(rules):
+        return nnx.eval_shape(lambda: Llama(cfg, rngs=nnx.Rngs(0)))
