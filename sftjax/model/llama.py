@@ -105,7 +105,7 @@ class RMSNorm(nnx.Module):
     def __call__(self, x_BLD: jax.Array) -> jax.Array:
         x32 = x_BLD.astype(jnp.float32)
         normed = x32 * jax.lax.rsqrt(jnp.mean(x32 * x32, axis=-1, keepdims=True) + self.eps)
-        return normed.astype(x_BLD.dtype) * self.weight[...].astype(x_BLD.dtype)
+        return normed.astype(x_BLD.dtype) * self.weight[...].astype(x_BLD.dtype)[None, None, :]
 
 
 def rotary(x_BLNH: jax.Array, positions_BL: jax.Array, theta: float) -> jax.Array:
