@@ -9,6 +9,54 @@ import ml_collections
 def get_config() -> ml_collections.ConfigDict:
     c = ml_collections.ConfigDict()
 
+    c.model = ml_collections.ConfigDict()
+    c.model.hf_path = ""  # Hugging Face Llama directory to fine-tune; "" = random init of preset
+    c.model.preset = "tiny"  # architecture when hf_path is "": tiny, llama2_7b, llama2_13b, ...
+    c.model.vocab_size = 0  # >0 overrides the preset's vocabulary (random init only)
+    c.model.param_dtype = "float32"  # master weights and optimizer state
+    c.model.dtype = "bfloat16"  # compute dtype of matmuls and activations
+    c.model.scan_layers = True  # stack layers and lax.scan them: fast compiles at 70B
+    c.model.remat = "save_dots"  # activation checkpointing: none, full, save_dots
+    c.model.attention = "xla"  # xla (reference, any device) or cudnn (fused, NVIDIA GPUs)
+
+    c.optim = ml_collections.ConfigDict()
+    c.optim.lr = 2e-5  # peak learning rate after warmup
+    c.optim.warmup_ratio = 0.03  # share of total steps spent warming up linearly from 0
+    c.optim.end_lr_ratio = 0.0  # cosine decays to lr * end_lr_ratio at the last step
+    c.optim.weight_decay = 0.0  # AdamW decoupled weight decay
+    c.optim.decay_norms_and_embeddings = False  # also decay RMSNorm scales and embeddings
+    c.optim.b1 = 0.9  # Adam first-moment decay
+    c.optim.b2 = 0.95  # Adam second-moment decay
+    c.optim.eps = 1e-8  # Adam epsilon
+    c.optim.grad_clip_norm = 1.0  # clip the global gradient norm; 0 disables
+
+    c.train = ml_collections.ConfigDict()
+    c.train.batch_size = 64  # global rows of data.seq_len tokens per optimizer step
+    c.train.microbatches = 1  # gradient accumulation: batch_size split into this many parts
+    c.train.num_steps = 0  # >0 caps training; 0 = data.num_epochs worth of steps
+    c.train.seed = 0  # seeds parameter init (random init only)
+    c.train.log_every_steps = 10  # metrics to TensorBoard, metrics.jsonl and the progress bar
+    c.train.peak_tflops_per_device = 0.0  # for MFU; 0 = look up the device kind (unknown: none)
+
+    c.eval = ml_collections.ConfigDict()
+    c.eval.every_steps = 200  # evaluate the whole validation set every this many steps
+    c.eval.batch_size = 64  # global rows per evaluation step (last batch padded, never dropped)
+    c.eval.patience = 3  # stop after this many evaluations without improvement
+    c.eval.min_delta = 0.0  # an improvement must lower validation loss by more than this
+    c.eval.prompts = ()  # instructions answered and logged at every evaluation
+
+    c.mesh = ml_collections.ConfigDict()
+    c.mesh.data = 1  # pure data parallelism (replicated params); -1 = remaining devices
+    c.mesh.fsdp = -1  # parameter + optimizer sharding (ZeRO-3 style); -1 = remaining devices
+    c.mesh.tensor = 1  # tensor (Megatron) parallelism over heads / mlp / vocab
+    c.mesh.rules = ()  # ((logical, mesh axes), ...) replacing sharding.DEFAULT_RULES if set
+
+    c.checkpoint = ml_collections.ConfigDict()
+    c.checkpoint.max_to_keep = 2  # newest checkpoints kept (the best one is kept as well)
+    c.checkpoint.async_save = True  # write checkpoints in the background
+    c.checkpoint.export_hf = True  # at the end, write the best params to WORKDIR/hf_export
+    c.checkpoint.export_dtype = "bfloat16"  # dtype of the exported safetensors
+
     c.data = ml_collections.ConfigDict()
     c.data.train_files = ""  # JSONL / JSON-array file, glob, or comma-separated list of them
     c.data.validation_files = ""  # "" = a seeded, content-hashed split of the training rows

@@ -1,0 +1,118 @@
+"""Config validation and derived values. Defaults live in configs/base.py, never here.
+
+`validate(config, num_devices)` runs before anything compiles and reports every problem at
+once, one line each, saying how to fix it. `model_config(config.model)` is the one place the
+config becomes a `LlamaConfig`.
+"""
+
+import glob
+import pathlib
+
+import ml_collections
+
+from sftjax import sharding
+from sftjax.model import hf_io, llama
+
+CHOICES = {
+    "model.remat": ("none", "full", "save_dots"),
+    "model.attention": ("xla", "cudnn"),
+    "model.param_dtype": ("float32", "bfloat16"),
+    "model.dtype": ("float32", "bfloat16"),
+    "data.template": ("alpaca", "chat"),
+    "data.bad_rows": ("fail", "skip"),
+    "data.overlong": ("drop", "truncate_prompt"),
+}
+
+
+class ConfigError(ValueError):
+    """One or more config problems, each on its own line with the fix."""
+
+
+def model_config(model: ml_collections.ConfigDict) -> llama.LlamaConfig:
+    """LlamaConfig from the HF directory's config.json, or from the named preset."""
+    numerics = dict(
+        param_dtype=model.param_dtype, dtype=model.dtype, scan_layers=model.scan_layers,
+        remat=model.remat, attention=model.attention,
+    )  # fmt: skip
+    if model.hf_path:
+        return hf_io.read_config(model.hf_path, **numerics)
+    vocab = {"vocab_size": model.vocab_size} if model.vocab_size else {}
+    return llama.preset(model.preset, **numerics, **vocab)
+
+
+def _get(config, dotted: str):
+    node = config
+    for key in dotted.split("."):
+        node = node[key]
+    return node
+
+
+def validate(config: ml_collections.ConfigDict, num_devices: int, num_processes: int = 1) -> None:
+    """Raise ConfigError listing every problem (before any file is tokenized or compiled)."""
+    errors = []
+    for key, allowed in CHOICES.items():
+        if _get(config, key) not in allowed:
+            errors.append(f"config.{key}={_get(config, key)!r}: choose one of {allowed}")
+
+    try:
+        data, fsdp, tensor = sharding.mesh_shape(dict(config.mesh), num_devices)
+    except ValueError as e:
+        errors.append(f"config.mesh: {e}")
+        data = fsdp = tensor = 1
+    batch_shards = data * fsdp
+    train, ev = config.train, config.eval
+    if train.batch_size % (batch_shards * train.microbatches):
+        errors.append(
+            f"config.train.batch_size={train.batch_size} must be divisible by mesh data×fsdp "
+            f"({batch_shards}) × train.microbatches ({train.microbatches}) = "
+            f"{batch_shards * train.microbatches}"
+        )
+    for name, size in (("train.batch_size", train.batch_size), ("eval.batch_size", ev.batch_size)):
+        if size % batch_shards or size % num_processes:
+            errors.append(
+                f"config.{name}={size} must be divisible by mesh data×fsdp ({batch_shards}) "
+                f"and by the number of processes ({num_processes})"
+            )
+    if ev.every_steps < 1 or ev.patience < 1:
+        errors.append("config.eval.every_steps and config.eval.patience must be >= 1")
+
+    for key in ("data.train_files", "data.validation_files"):
+        spec = _get(config, key)
+        missing = [p for p in str(spec).split(",") if p.strip() and not glob.glob(p.strip())]
+        if key == "data.train_files" and not spec:
+            missing = ["(empty)"]
+        if missing:
+            errors.append(f"config.{key}: no file matches {missing}; give existing JSON/JSONL paths")
+    if not pathlib.Path(config.data.tokenizer or "/nonexistent").is_dir():
+        errors.append(
+            f"config.data.tokenizer={config.data.tokenizer!r}: not a directory; give a local "
+            "Hugging Face tokenizer directory (tokenizer.json / tokenizer.model)"
+        )
+
+    try:
+        cfg = model_config(config.model)
+    except (ValueError, OSError) as e:
+        errors.append(f"config.model: {e}")
+        cfg = None
+    if cfg is not None:
+        if cfg.num_heads % tensor or cfg.num_kv_heads % tensor:
+            errors.append(
+                f"mesh tensor={tensor} must divide num_heads={cfg.num_heads} and "
+                f"num_kv_heads={cfg.num_kv_heads}; lower config.mesh.tensor"
+            )
+        if cfg.mlp_dim % tensor or cfg.vocab_size % tensor:
+            errors.append(
+                f"mesh tensor={tensor} must divide mlp_dim={cfg.mlp_dim} and "
+                f"vocab_size={cfg.vocab_size}; lower config.mesh.tensor"
+            )
+        if cfg.embed_dim % fsdp:
+            errors.append(
+                f"mesh fsdp={fsdp} must divide embed_dim={cfg.embed_dim}; change config.mesh"
+            )
+        if config.data.seq_len > cfg.max_seq_len:
+            errors.append(
+                f"config.data.seq_len={config.data.seq_len} exceeds the model's max_seq_len="
+                f"{cfg.max_seq_len}; lower data.seq_len"
+            )
+    if errors:
+        raise ConfigError("invalid config:\n  " + "\n  ".join(errors))

@@ -1,0 +1,133 @@
+"""Honest throughput numbers and where metrics go: metrics.jsonl, TensorBoard, a loss plot.
+
+Owns the FLOPs formula behind MFU and the writers. It does not decide when to log (train.py).
+Only process 0 writes; other processes get a writer that does nothing.
+"""
+
+import json
+import math
+import pathlib
+
+import jax
+
+from sftjax.model import llama
+
+# Dense bf16 peak TFLOP/s per chip by `device_kind` prefix (vendor data sheets, no sparsity).
+PEAK_TFLOPS = {
+    "NVIDIA H200": 989.0,
+    "NVIDIA H100": 989.0,
+    "NVIDIA A100": 312.0,
+    "TPU v4": 275.0,
+    "TPU v5 lite": 197.0,
+    "TPU v5e": 197.0,
+    "TPU v5p": 459.0,
+    "TPU v5": 459.0,
+    "TPU v6 lite": 918.0,
+    "TPU v6e": 918.0,
+}
+
+
+def flops_per_token(cfg: llama.LlamaConfig, seq_len: int) -> float:
+    """Training FLOPs per token: 6·N_matmul + 6·layers·heads·head_dim·seq_len (causal attention).
+
+    6·N counts forward (2·N) and backward (4·N) multiply-adds of every weight matrix that a
+    token goes through (the embedding lookup is a gather, so it is excluded unless tied and
+    used as the output head). Attention scores and the weighted sum are 2 matmuls of
+    seq_len·head_dim per head: 4·seq_len·H·N forward, ×3 with backward = 12·L·N·H·seq_len;
+    causal masking halves the useful part, giving 6·L·N·H·seq_len. With packing we still
+    count the full row (the kernel computes it); this is the conventional MFU numerator.
+    """
+    matmul_params = cfg.num_params - cfg.vocab_size * cfg.embed_dim * (not cfg.tie_embeddings)
+    attention = 6 * cfg.num_layers * cfg.num_heads * cfg.head_dim * seq_len
+    return 6.0 * matmul_params + attention
+
+
+def peak_flops_per_device(override_tflops: float = 0.0) -> float | None:
+    """Peak bf16 FLOP/s of one local device, or None where unknown (CPU)."""
+    if override_tflops > 0:
+        return override_tflops * 1e12
+    kind = jax.devices()[0].device_kind
+    for prefix, tflops in PEAK_TFLOPS.items():
+        if kind.startswith(prefix):
+            return tflops * 1e12
+    return None
+
+
+def mfu(tokens_per_s: float, flops_token: float, peak_per_device: float | None) -> float:
+    """Model FLOPs utilisation over all devices; NaN where the peak is unknown."""
+    if not peak_per_device:
+        return math.nan
+    return tokens_per_s * flops_token / (peak_per_device * jax.device_count())
+
+
+class MetricsWriter:
+    """Appends {"step", "split", ...} records to metrics.jsonl and TensorBoard (process 0 only)."""
+
+    def __init__(self, workdir: pathlib.Path, *, resume_step: int = 0):
+        self.enabled = jax.process_index() == 0
+        self.path = pathlib.Path(workdir) / "metrics.jsonl"
+        self._tb = None
+        if not self.enabled:
+            return
+        self.path.parent.mkdir(parents=True, exist_ok=True)
+        _drop_records_after(self.path, resume_step)
+        from tensorboardX import SummaryWriter
+
+        self._tb = SummaryWriter(str(pathlib.Path(workdir) / "tensorboard"), purge_step=resume_step + 1)
+
+    def write(self, step: int, split: str, values: dict) -> None:
+        if not self.enabled:
+            return
+        record = {"step": step, "split": split, **values}
+        with self.path.open("a") as f:
+            f.write(json.dumps(record) + "\n")
+        for key, value in values.items():
+            if isinstance(value, (int, float)) and math.isfinite(value):
+                self._tb.add_scalar(f"{split}/{key}", value, step)
+            elif isinstance(value, str):
+                self._tb.add_text(f"{split}/{key}", value, step)
+        self._tb.flush()
+
+    def close(self) -> None:
+        if self._tb is not None:
+            self._tb.close()
+
+
+def _drop_records_after(path: pathlib.Path, step: int) -> None:
+    """On resume, forget what a killed run logged past its last checkpoint (it is redone)."""
+    if not path.exists():
+        return
+    lines = path.read_text().splitlines()
+    kept = [line for line in lines if line.strip() and json.loads(line)["step"] <= step]
+    if len(kept) != len(lines):
+        path.write_text("".join(line + "\n" for line in kept))
+
+
+def read_records(path: pathlib.Path) -> list[dict]:
+    """All records of a metrics.jsonl."""
+    return [json.loads(line) for line in pathlib.Path(path).read_text().splitlines() if line]
+
+
+def plot_losses(metrics_path: pathlib.Path, out_png: pathlib.Path, best_step: int | None) -> None:
+    """Train vs validation loss with the best step marked (matplotlib, no display needed)."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    records = read_records(metrics_path)
+    train = [(r["step"], r["loss"]) for r in records if r["split"] == "train" and "loss" in r]
+    val = [(r["step"], r["loss"]) for r in records if r["split"] == "eval" and "loss" in r]
+    fig, ax = plt.subplots(figsize=(7, 4))
+    if train:
+        ax.plot(*zip(*train, strict=True), label="train", alpha=0.7)
+    if val:
+        ax.plot(*zip(*val, strict=True), "o-", label="validation")
+    if best_step is not None:
+        ax.axvline(best_step, color="green", linestyle="--", label=f"best step {best_step}")
+    ax.set_xlabel("step")
+    ax.set_ylabel("loss (token-weighted cross-entropy)")
+    ax.legend()
+    fig.tight_layout()
+    fig.savefig(out_png, dpi=100)
+    plt.close(fig)

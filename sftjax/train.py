@@ -1,0 +1,216 @@
+"""The train step and what surrounds it: state, optimizer, masked loss, evaluation, early stopping.
+
+Owns the math of one optimizer step (token-weighted masked cross-entropy over the *global*
+batch; gradient accumulation sums numerators and token counts before dividing once, so it
+equals one big batch) and the evaluation/early-stopping rules. The loop that drives them,
+with data, checkpoints and logging, is `fit()` in loop.py.
+"""
+
+import dataclasses
+import functools
+import math
+
+import flax.struct
+import jax
+import jax.numpy as jnp
+import numpy as np
+import optax
+from flax import nnx
+from jax.sharding import NamedSharding, PartitionSpec
+
+from sftjax import sharding
+
+BATCH_KEYS = ("tokens", "targets", "loss_mask", "segment_ids", "positions")
+
+
+@flax.struct.dataclass
+class TrainState:
+    step: jax.Array
+    params: dict  # nnx.to_pure_dict of the model's Params; the graphdef is closed over
+    opt_state: optax.OptState
+    rng: jax.Array  # advanced every step; reserved for stochastic layers (none in Llama-2)
+
+
+def lr_schedule(optim, total_steps: int) -> optax.Schedule:
+    """Linear warmup from 0 over warmup_ratio·total_steps, then cosine to lr·end_lr_ratio."""
+    warmup = round(optim.warmup_ratio * total_steps)
+    return optax.warmup_cosine_decay_schedule(
+        init_value=0.0,
+        peak_value=optim.lr,
+        warmup_steps=warmup,
+        decay_steps=max(total_steps, warmup + 1),
+        end_value=optim.lr * optim.end_lr_ratio,
+    )
+
+
+def _decay_mask(params: dict) -> dict:
+    """True for weight matrices; False for RMSNorm scales and the embedding table."""
+
+    def decays(path, _) -> bool:
+        names = [str(getattr(k, "key", k)) for k in path]
+        return not any(n == "embedding" or n.endswith("norm") for n in names)
+
+    return jax.tree_util.tree_map_with_path(decays, params)
+
+
+def make_optimizer(optim, total_steps: int) -> tuple[optax.GradientTransformation, optax.Schedule]:
+    """Global-norm clipping then AdamW on the warmup+cosine schedule."""
+    schedule = lr_schedule(optim, total_steps)
+    adamw = optax.adamw(
+        schedule, b1=optim.b1, b2=optim.b2, eps=optim.eps, weight_decay=optim.weight_decay,
+        mask=None if optim.decay_norms_and_embeddings else _decay_mask,
+    )  # fmt: skip
+    if optim.grad_clip_norm > 0:
+        return optax.chain(optax.clip_by_global_norm(optim.grad_clip_norm), adamw), schedule
+    return adamw, schedule
+
+
+def loss_sums(graphdef: nnx.GraphDef, params: dict, batch: dict) -> tuple[jax.Array, jax.Array]:
+    """(Σ CE·mask, Σ mask) in fp32; divide once per global batch, never per row."""
+    model = nnx.merge(graphdef, params)
+    logits_BLV = model(batch["tokens"], batch["positions"], batch["segment_ids"])
+    ce_BL = optax.softmax_cross_entropy_with_integer_labels(
+        logits_BLV.astype(jnp.float32), batch["targets"]
+    )
+    mask_BL = batch["loss_mask"].astype(jnp.float32)
+    return (ce_BL * mask_BL).sum(), mask_BL.sum()
+
+
+def _split_microbatches(batch: dict, microbatches: int) -> dict:
+    """[B, L] -> [M, B/M, L] taking rows i, i+M, ... so every device feeds every microbatch."""
+
+    def split(x):
+        rows, length = x.shape
+        micro = x.reshape(rows // microbatches, microbatches, length).swapaxes(0, 1)
+        return sharding.constrain(micro, (None, "batch", "seq"))
+
+    return jax.tree.map(split, batch)
+
+
+def train_step(state: TrainState, batch: dict, *, graphdef, tx, schedule, microbatches: int):
+    """One optimizer step on the global batch -> (new state, metrics)."""
+    grad_fn = jax.value_and_grad(functools.partial(loss_sums, graphdef), has_aux=True)
+
+    if microbatches == 1:
+        (loss_sum, tokens), grads = grad_fn(state.params, batch)
+    else:
+
+        def accumulate(carry, micro):
+            grads_acc, loss_acc, tokens_acc = carry
+            (loss_sum, tokens), grads = grad_fn(state.params, micro)
+            grads_acc = jax.tree.map(jnp.add, grads_acc, grads)
+            return (grads_acc, loss_acc + loss_sum, tokens_acc + tokens), None
+
+        zeros = jax.tree.map(lambda p: jnp.zeros(p.shape, jnp.float32), state.params)
+        init = (zeros, jnp.float32(0), jnp.float32(0))
+        (grads, loss_sum, tokens), _ = jax.lax.scan(
+            accumulate, init, _split_microbatches(batch, microbatches)
+        )
+    denominator = jnp.maximum(tokens, 1.0)  # a batch of only prompts has no loss tokens
+    grads = jax.tree.map(lambda g, p: (g / denominator).astype(p.dtype), grads, state.params)
+    updates, opt_state = tx.update(grads, state.opt_state, state.params)
+    new_state = state.replace(
+        step=state.step + 1,
+        params=optax.apply_updates(state.params, updates),
+        opt_state=opt_state,
+        rng=jax.random.fold_in(state.rng, state.step),
+    )
+    metrics = {
+        "loss": loss_sum / denominator,
+        "grad_norm": optax.global_norm(grads),
+        "lr": schedule(state.step),
+        "loss_tokens": tokens,
+        "real_fraction": (batch["segment_ids"] > 0).mean(),
+    }
+    return new_state, metrics
+
+
+def eval_sums(params: dict, batch: dict, *, graphdef) -> tuple[jax.Array, jax.Array]:
+    """(Σ CE·mask, Σ mask) of one validation batch; the caller adds them over the whole set."""
+    return loss_sums(graphdef, params, batch)
+
+
+def jit_steps(graphdef, tx, schedule, microbatches: int, state_shardings, batch_sharding):
+    """The jitted train step (explicit shardings, donated state) and eval step."""
+    step = jax.jit(
+        functools.partial(
+            train_step, graphdef=graphdef, tx=tx, schedule=schedule, microbatches=microbatches
+        ),
+        in_shardings=(state_shardings, batch_sharding),
+        out_shardings=(state_shardings, None),
+        donate_argnums=0,
+    )
+    evaluate_batch = jax.jit(
+        functools.partial(eval_sums, graphdef=graphdef),
+        in_shardings=(state_shardings.params, batch_sharding),
+    )
+    return step, evaluate_batch
+
+
+def state_shardings_for(param_shardings: dict, abstract_params: dict, tx) -> TrainState:
+    """Shardings of every TrainState leaf: optimizer moments follow their parameter."""
+    any_sharding = jax.tree.leaves(param_shardings)[0]
+    replicated = NamedSharding(any_sharding.mesh, PartitionSpec())
+    abstract_opt = jax.eval_shape(tx.init, abstract_params)
+    opt_shardings = optax.tree_map_params(
+        tx, lambda _, s: s, abstract_opt, param_shardings,
+        transform_non_params=lambda _: replicated,
+    )  # fmt: skip
+    return TrainState(
+        step=replicated, params=param_shardings, opt_state=opt_shardings, rng=replicated
+    )
+
+
+def init_state(params: dict, tx, shardings: TrainState, seed: int) -> TrainState:
+    """A fresh TrainState around (already sharded) params; moments born in their sharding."""
+    opt_state = jax.jit(tx.init, out_shardings=shardings.opt_state)(params)
+    return TrainState(
+        step=jax.device_put(jnp.int32(0), shardings.step),
+        params=params,
+        opt_state=opt_state,
+        rng=jax.device_put(jax.random.PRNGKey(seed), shardings.rng),
+    )
+
+
+def global_batch(host_batch: dict, batch_sharding: NamedSharding) -> dict:
+    """This process's numpy rows -> global jax.Arrays split over data×fsdp."""
+    return {
+        k: jax.make_array_from_process_local_data(batch_sharding, np.asarray(host_batch[k]))
+        for k in BATCH_KEYS
+    }
+
+
+def evaluate(evaluate_batch, params, host_batches, batch_sharding) -> dict:
+    """Token-weighted loss over the whole validation set (sums in float64 on the host)."""
+    sums = [evaluate_batch(params, global_batch(b, batch_sharding)) for b in host_batches]
+    loss_sum, tokens = (float(np.sum(np.asarray(x, np.float64))) for x in zip(*jax.device_get(sums)))
+    if tokens == 0:
+        raise ValueError("validation set has no loss tokens")
+    return {"loss": loss_sum / tokens, "loss_tokens": int(tokens), "batches": len(host_batches)}
+
+
+@dataclasses.dataclass
+class EarlyStopping:
+    """Stop after `patience` evaluations that fail to beat the best loss by more than min_delta.
+
+    Its state is saved in every checkpoint, so a resumed run stops exactly where an
+    uninterrupted one would.
+    """
+
+    patience: int
+    min_delta: float = 0.0
+    best_loss: float = math.inf
+    best_step: int = -1
+    evals_without_improvement: int = 0
+
+    def update(self, step: int, loss: float) -> bool:
+        """Record one evaluation; True if it is the new best."""
+        if loss < self.best_loss - self.min_delta:
+            self.best_loss, self.best_step, self.evals_without_improvement = loss, step, 0
+            return True
+        self.evals_without_improvement += 1
+        return False
+
+    @property
+    def should_stop(self) -> bool:
+        return self.evals_without_improvement >= self.patience
