@@ -166,12 +166,22 @@ def _scan_json_array(text: str) -> Iterator[tuple[int, Any]]:
             return
 
 
+def _is_jsonl(head: bytes) -> bool:
+    """A file starting with "[" is JSONL only if its first line is a whole value and more follow."""
+    first, _, rest = head.partition(b"\n")
+    try:
+        json.loads(first)
+    except ValueError:
+        return False
+    return bool(rest.strip())
+
+
 def scan_file(path: str) -> Iterator[tuple[int, Any]]:
     """(line, value or _BadRow) per row: a JSON array if the file starts with "[", else JSONL."""
     with open(path, "rb") as f:
         data = f.read()
     head = data.removeprefix(b"\xef\xbb\xbf").lstrip()
-    if not head.startswith(b"["):
+    if not head.startswith(b"[") or _is_jsonl(head):
         yield from _scan_jsonl(data)
         return
     try:
