@@ -1,0 +1,307 @@
+"""The data pipeline the trainer calls: files → examples → packed, per-process numpy batches.
+
+Owns: the train/validation split, encoding rows once, the length policy counts, the seeded
+per-epoch shuffle, first-fit packing, global batching, this process's slice, and the Grain
+dataset/iterator whose `get_state()`/`set_state()` the trainer checkpoints.
+Does not own: jax arrays (the trainer calls `jax.make_array_from_process_local_data`), the loss.
+
+Usage (the trainer):
+    tok = tokenize.load_tokenizer(config.data.tokenizer)
+    train, validation, report = pipeline.load_splits(config.data, tok)   # BadRowsError: exit 1
+    it = pipeline.train_batches(train, batch_size=B, seq_len=config.data.seq_len,
+        seed=config.data.shuffle_seed, num_epochs=config.data.num_epochs, pack=config.data.pack,
+        process_index=jax.process_index(), process_count=jax.process_count())
+    for batch in it: ...   # {tokens, targets, loss_mask, segment_ids, positions}: [B/P, L] int32
+    for batch in pipeline.validation_batches(validation, batch_size=B, ...): ...   # every eval
+`len(pipeline.train_dataset(...))` is the run's number of steps, known before training.
+
+Batch vocabulary, all int32 [batch_per_process, seq_len]: `tokens`, `targets` (shifted per
+example, so a target never crosses into the next example), `loss_mask` (0/1 int32),
+`segment_ids` (1, 2, … per row; 0 = padding) and `positions` (restart at 0 per example).
+Padding is zero in every array.
+
+Departure from a Grain packer (grain.experimental.FirstFitPackIterDataset): rows are planned
+from example lengths with the same first-fit rule, once per epoch, for the *global* batch, and
+each process materialises only its rows. So every process has the same number of batches
+(collectives never hang at an epoch end), the global batch does not depend on the process
+count, the number of steps is known up front, and the Grain iterator state is one index, which
+resumes exactly. Encoding runs once, eagerly, before Grain (one batched Rust call): the report,
+the split and the over-long counts are then exact before training starts.
+"""
+
+import dataclasses
+import hashlib
+import math
+from collections.abc import Sequence
+
+import grain
+import ml_collections
+import numpy as np
+
+from sftjax.data import records, templates, tokenize
+from sftjax.data.tokenize import Example
+
+KEYS = ("tokens", "targets", "loss_mask", "segment_ids", "positions")
+Batch = dict[str, np.ndarray]  # KEYS → int32 [batch_per_process, seq_len]
+
+
+@dataclasses.dataclass
+class DataReport:
+    """What load_splits did: record reports, the split, and the length policy's counts."""
+
+    train_records: records.RecordReport
+    validation_records: records.RecordReport | None  # None: split from the training rows
+    train_examples: int = 0
+    validation_examples: int = 0
+    overlong_dropped: int = 0  # over seq_len, dropped (train + validation)
+    prompt_truncated: int = 0  # over seq_len, prompt cut from the left (train + validation)
+    # Per example (train + validation), before the length policy: untrained / trained tokens,
+    # counting BOS with the prompt and EOS with the response.
+    prompt_lengths: list[int] = dataclasses.field(default_factory=list)
+    response_lengths: list[int] = dataclasses.field(default_factory=list)
+
+    def summary(self) -> str:
+        """Counts, for logs."""
+        parts = ["train files: " + self.train_records.summary()]
+        if self.validation_records is not None:
+            parts.append("validation files: " + self.validation_records.summary())
+        parts.append(
+            f"examples: train {self.train_examples}, validation {self.validation_examples}; "
+            f"over-long: dropped {self.overlong_dropped}, prompt truncated {self.prompt_truncated}"
+        )
+        return "\n".join(parts)
+
+
+def in_validation(row: records.Row, fraction: float, seed: int) -> bool:
+    """Held out iff the seeded hash of the row's content falls below fraction: adding rows never
+    moves existing ones, and duplicates land on the same side."""
+    digest = hashlib.sha256(f"{seed}\0{row.content_key()}".encode()).digest()
+    return int.from_bytes(digest[:8], "big") < fraction * 2.0**64
+
+
+def _read(files: str, config: ml_collections.ConfigDict) -> tuple[list, records.RecordReport]:
+    return records.read_records(
+        files,
+        chat=config.template == "chat",
+        instruction_field=config.instruction_field,
+        input_field=config.input_field,
+        response_field=config.response_field,
+        messages_field=config.messages_field,
+        bad_rows=config.bad_rows,
+        drop_duplicates=config.drop_duplicates,
+    )
+
+
+def encode_rows(
+    rows: Sequence[records.Row],
+    template: templates.Template,
+    tok: tokenize.SegmentTokenizer,
+    *,
+    seq_len: int,
+    overlong: str,
+    report: DataReport,
+) -> list[Example]:
+    """Rows → fitted, shifted examples; the length policy's outcomes are counted in report."""
+    examples = []
+    for encoded in tokenize.encode_many([template(r) for r in rows], tok):
+        trained = int(encoded.trainable.sum())
+        report.prompt_lengths.append(len(encoded.ids) - trained)
+        report.response_lengths.append(trained)
+        fitted = tokenize.fit_length(encoded, seq_len, overlong)
+        if fitted is None:
+            report.overlong_dropped += 1
+            continue
+        report.prompt_truncated += int(fitted is not encoded)
+        examples.append(tokenize.to_example(fitted))
+    return examples
+
+
+def load_splits(
+    config: ml_collections.ConfigDict, tok: tokenize.SegmentTokenizer
+) -> tuple[list[Example], list[Example], DataReport]:
+    """Read, validate, split and encode the data section's files (raises BadRowsError on fail)."""
+    train_rows, train_report = _read(config.train_files, config)
+    validation_report = None
+    if config.validation_files:
+        validation_rows, validation_report = _read(config.validation_files, config)
+    else:
+        held = [
+            in_validation(r, config.validation_fraction, config.shuffle_seed) for r in train_rows
+        ]
+        validation_rows = [r for r, h in zip(train_rows, held, strict=True) if h]
+        train_rows = [r for r, h in zip(train_rows, held, strict=True) if not h]
+    report = DataReport(train_report, validation_report)
+    template = templates.TEMPLATES[config.template]
+    kwargs = dict(seq_len=config.seq_len, overlong=config.overlong, report=report)
+    train = encode_rows(train_rows, template, tok, **kwargs)
+    validation = encode_rows(validation_rows, template, tok, **kwargs)
+    if not train:
+        raise ValueError(
+            f"no training examples left from {config.train_files!r}\n" + report.summary()
+        )
+    report.train_examples, report.validation_examples = len(train), len(validation)
+    return train, validation, report
+
+
+def plan_rows(lengths: Sequence[int], seq_len: int, num_bins: int) -> list[list[int]]:
+    """First-fit packing over num_bins open rows: indices into lengths, one list per row.
+
+    When no open row has room, the fullest one is closed; remaining rows close at the end.
+    """
+    open_rows: list[list[int]] = []
+    free: list[int] = []
+    rows = []
+    for i, n in enumerate(lengths):
+        if n > seq_len:
+            raise ValueError(f"example {i} has {n} tokens > seq_len {seq_len}; fit lengths first")
+        for b, room in enumerate(free):
+            if n <= room:
+                open_rows[b].append(i)
+                free[b] -= n
+                break
+        else:
+            if len(open_rows) == num_bins:
+                b = free.index(min(free))
+                rows.append(open_rows.pop(b))
+                free.pop(b)
+            open_rows.append([i])
+            free.append(seq_len - n)
+    return rows + open_rows
+
+
+def _epoch_rows(
+    examples: Sequence[Example], order: np.ndarray, seq_len: int, pack: bool, num_bins: int
+) -> list[list[int]]:
+    if not pack:
+        return [[int(i)] for i in order]
+    lengths = [len(examples[i]) for i in order]
+    return [[int(order[j]) for j in row] for row in plan_rows(lengths, seq_len, num_bins)]
+
+
+def make_batch(rows: Sequence[Sequence[int]], examples: Sequence[Example], seq_len: int) -> Batch:
+    """Materialise rows (lists of example indices) into one batch; empty rows are padding."""
+    batch = {k: np.zeros((len(rows), seq_len), np.int32) for k in KEYS}
+    arange = np.arange(seq_len, dtype=np.int32)
+    for r, row in enumerate(rows):
+        start = 0
+        for segment, i in enumerate(row, start=1):
+            example = examples[i]
+            end = start + len(example)
+            batch["tokens"][r, start:end] = example.tokens
+            batch["targets"][r, start:end] = example.targets
+            batch["loss_mask"][r, start:end] = example.loss_mask
+            batch["segment_ids"][r, start:end] = segment
+            batch["positions"][r, start:end] = arange[: end - start]
+            start = end
+    return batch
+
+
+def _process_slices(
+    rows: list[list[int]], batch_size: int, process_index: int, process_count: int
+) -> list[list[list[int]]]:
+    """Global batches of rows (the last padded with empty rows), then this process's share."""
+    if batch_size % process_count or not 0 <= process_index < process_count:
+        raise ValueError(
+            f"batch_size {batch_size} must split evenly over {process_count} processes "
+            f"(process_index {process_index})"
+        )
+    per_process = batch_size // process_count
+    num_batches = math.ceil(len(rows) / batch_size)
+    rows = rows + [[]] * (num_batches * batch_size - len(rows))
+    offset = process_index * per_process
+    return [rows[b * batch_size + offset :][:per_process] for b in range(num_batches)]
+
+
+def _dataset(
+    slices: list[list[list[int]]], examples: Sequence[Example], seq_len: int
+) -> grain.MapDataset:
+    return grain.MapDataset.source(slices).map(lambda rows: make_batch(rows, examples, seq_len))
+
+
+def train_dataset(
+    examples: Sequence[Example],
+    *,
+    batch_size: int,
+    seq_len: int,
+    seed: int,
+    num_epochs: int,
+    process_index: int,
+    process_count: int,
+    pack: bool = True,
+    num_bins: int = 16,
+) -> grain.MapDataset:
+    """All of this process's training batches, random access; len() = steps in the run.
+
+    batch_size is global; each epoch is a fresh seeded shuffle of the examples, packed anew.
+    Epochs follow each other without a gap; only the run's last batch is padded.
+    """
+    if not examples:
+        raise ValueError("no training examples")
+    rows: list[list[int]] = []
+    for epoch in range(num_epochs):
+        order = np.random.default_rng([seed, epoch]).permutation(len(examples))
+        rows += _epoch_rows(examples, order, seq_len, pack, num_bins)
+    return _dataset(
+        _process_slices(rows, batch_size, process_index, process_count), examples, seq_len
+    )
+
+
+def train_batches(
+    examples: Sequence[Example],
+    *,
+    batch_size: int,
+    seq_len: int,
+    seed: int,
+    num_epochs: int,
+    process_index: int,
+    process_count: int,
+    pack: bool = True,
+    num_bins: int = 16,
+    prefetch: int = 8,
+) -> grain.DatasetIterator:
+    """Iterator over train_dataset(...); checkpoint it with get_state/set_state (one index)."""
+    dataset = train_dataset(
+        examples,
+        batch_size=batch_size,
+        seq_len=seq_len,
+        seed=seed,
+        num_epochs=num_epochs,
+        process_index=process_index,
+        process_count=process_count,
+        pack=pack,
+        num_bins=num_bins,
+    )
+    read = grain.ReadOptions(num_threads=2, prefetch_buffer_size=prefetch)
+    return iter(dataset.to_iter_dataset(read))
+
+
+def validation_batches(
+    examples: Sequence[Example],
+    *,
+    batch_size: int,
+    seq_len: int,
+    process_index: int,
+    process_count: int,
+    pack: bool = True,
+    num_bins: int = 16,
+) -> grain.MapDataset:
+    """Every validation example exactly once, in file order; iterate it again for each eval.
+
+    The last batch is padded with empty rows (loss_mask 0), never dropped, and every process
+    gets the same number of batches. Packed or not, Σ(ce·mask)/Σ(mask) is the same.
+    """
+    order = np.arange(len(examples))
+    rows = _epoch_rows(examples, order, seq_len, pack, num_bins)
+    return _dataset(
+        _process_slices(rows, batch_size, process_index, process_count), examples, seq_len
+    )
+
+
+def packing_stats(
+    examples: Sequence[Example], *, seq_len: int, seed: int = 0, num_bins: int = 16
+) -> tuple[float, float]:
+    """(real tokens / all tokens, examples per row) of one packed epoch, before batching."""
+    order = np.random.default_rng([seed, 0]).permutation(len(examples))
+    rows = _epoch_rows(examples, order, seq_len, True, num_bins)
+    real = sum(len(e) for e in examples)
+    return real / (len(rows) * seq_len), len(examples) / len(rows)

@@ -1,0 +1,302 @@
+"""Instruction rows from JSONL / JSON-array files, validated, every problem located at file:line.
+
+Owns: expanding file specs (a list, a comma-separated string, globs), parsing JSONL and JSON
+arrays while tracking the line where each row starts, validating instruction rows
+(`instruction`, optional `input`, `response` with `output` as an alias) and chat rows
+(`messages: [{role, content}]`), dropping exact duplicates, and the `RecordReport`.
+Does not own: templates, tokenization, the validation split (pipeline.py), or exiting the
+process: with `bad_rows="fail"` it raises `BadRowsError`, which the caller's main turns into a
+non-zero exit before any training.
+"""
+
+import dataclasses
+import glob
+import json
+import os
+from collections.abc import Iterator, Sequence
+from typing import Any
+
+MAX_PROBLEMS = 20  # problems quoted in full; all of them are counted by reason
+MAX_DUPLICATES = 5  # duplicate locations quoted in the report
+
+# Reasons a row is bad. The report counts rows by these exact strings.
+INVALID_JSON = "invalid JSON"
+INVALID_UTF8 = "invalid UTF-8"
+NOT_OBJECT = "not a JSON object"
+MISSING = "missing field"  # absent or null
+EMPTY = "empty field"  # "" or whitespace only
+NOT_STRING = "not a string"
+NOT_LIST = "not a list"
+UNKNOWN_ROLE = "unknown role"
+NO_ASSISTANT = "no assistant turn"
+TURN_ORDER = "bad turn order"
+
+ROLES = ("system", "user", "assistant")
+RESPONSE_ALIASES = ("output",)  # accepted when the configured response field is absent
+
+Message = tuple[str, str]  # (role, content)
+
+
+@dataclasses.dataclass(frozen=True)
+class Row:
+    """One validated row; instruction rows fill the first three fields, chat rows `messages`."""
+
+    source: str  # "path:line" where the row starts
+    instruction: str = ""
+    input: str = ""
+    response: str = ""
+    messages: tuple[Message, ...] = ()
+
+    def content_key(self) -> str:
+        """The row's content without its location: equal for exact duplicates, hashed for splits."""
+        fields = [self.instruction, self.input, self.response, [list(m) for m in self.messages]]
+        return json.dumps(fields, ensure_ascii=False)
+
+
+@dataclasses.dataclass
+class RecordReport:
+    """What reading found: counts by reason, duplicates, and the first problems verbatim."""
+
+    files: list[str]
+    rows_read: int = 0  # rows seen in the files, good and bad
+    rows_kept: int = 0  # rows returned (good, not duplicates)
+    bad_by_reason: dict[str, int] = dataclasses.field(default_factory=dict)
+    problems: list[str] = dataclasses.field(default_factory=list)  # first MAX_PROBLEMS
+    duplicates: int = 0  # exact duplicates of an earlier row (dropped when drop_duplicates)
+    duplicate_examples: list[str] = dataclasses.field(default_factory=list)
+
+    @property
+    def bad_rows(self) -> int:
+        """Rows rejected for any reason."""
+        return sum(self.bad_by_reason.values())
+
+    def summary(self) -> str:
+        """Human-readable report: counts first, then the quoted problems."""
+        lines = [
+            f"files: {len(self.files)}; rows read: {self.rows_read}; kept: {self.rows_kept}; "
+            f"bad: {self.bad_rows}; duplicates: {self.duplicates}"
+        ]
+        lines += [f"  bad rows, {r}: {n}" for r, n in sorted(self.bad_by_reason.items())]
+        if self.problems:
+            shown = f"first {len(self.problems)} of {self.bad_rows}"
+            lines.append(f"problems ({shown}):")
+            lines += [f"  {p}" for p in self.problems]
+        lines += [f"  duplicate: {d}" for d in self.duplicate_examples]
+        return "\n".join(lines)
+
+
+class BadRowsError(ValueError):
+    """Raised under bad_rows="fail": the message lists the counts and the first problems."""
+
+    def __init__(self, report: RecordReport):
+        self.report = report
+        super().__init__(
+            f"{report.bad_rows} bad row(s); fix them or set bad_rows='skip'\n" + report.summary()
+        )
+
+
+class _BadRow(Exception):
+    def __init__(self, field: str, reason: str, detail: str = ""):
+        self.field, self.reason, self.detail = field, reason, detail
+
+
+def expand_paths(spec: str | Sequence[str]) -> list[str]:
+    """Files named by a comma-separated string or a list, each entry a path or a glob."""
+    entries = [s.strip() for s in spec.split(",")] if isinstance(spec, str) else list(spec)
+    paths = []
+    for entry in (os.fspath(e) for e in entries if e):
+        matches = sorted(glob.glob(entry)) if glob.has_magic(entry) else [entry]
+        matches = [m for m in matches if os.path.isfile(m)]
+        if not matches:
+            raise FileNotFoundError(f"no data file matches {entry!r}")
+        paths += matches
+    if not paths:
+        raise FileNotFoundError(f"no data files given ({spec!r})")
+    return paths
+
+
+def _scan_jsonl(data: bytes) -> Iterator[tuple[int, Any]]:
+    for number, raw in enumerate(data.split(b"\n"), start=1):
+        if number == 1:
+            raw = raw.removeprefix(b"\xef\xbb\xbf")
+        if not raw.strip():
+            continue
+        try:
+            text = raw.decode("utf-8")
+        except UnicodeDecodeError as e:
+            yield number, _BadRow("row", INVALID_UTF8, f"byte {e.start}")
+            continue
+        try:
+            yield number, json.loads(text)
+        except json.JSONDecodeError as e:
+            yield number, _BadRow("row", INVALID_JSON, f"{e.msg} at column {e.colno}")
+
+
+def _scan_json_array(text: str) -> Iterator[tuple[int, Any]]:
+    """Elements of a JSON array with the line each starts on (raw_decode, one element at a time)."""
+    decoder = json.JSONDecoder()
+    pos, line, counted = text.index("[") + 1, 1, 0
+
+    def line_at(p: int) -> int:
+        nonlocal line, counted
+        line += text.count("\n", counted, p)
+        counted = p
+        return line
+
+    while True:
+        while pos < len(text) and text[pos] in " \t\r\n":
+            pos += 1
+        if pos < len(text) and text[pos] == "]":
+            return
+        try:
+            element, end = decoder.raw_decode(text, pos)
+        except json.JSONDecodeError as e:
+            detail = f"{e.msg} at column {e.colno}; rest of file not read"
+            yield e.lineno, _BadRow("row", INVALID_JSON, detail)
+            return
+        yield line_at(pos), element
+        pos = end
+        while pos < len(text) and text[pos] in " \t\r\n":
+            pos += 1
+        if pos < len(text) and text[pos] == ",":
+            pos += 1
+        elif pos >= len(text) or text[pos] != "]":
+            detail = "expected ',' or ']' after an element; rest of file not read"
+            yield line_at(pos), _BadRow("row", INVALID_JSON, detail)
+            return
+
+
+def _is_jsonl(head: bytes) -> bool:
+    """A file starting with "[" is JSONL only if its first line is a whole value and more follow."""
+    first, _, rest = head.partition(b"\n")
+    try:
+        json.loads(first)
+    except ValueError:
+        return False
+    return bool(rest.strip())
+
+
+def scan_file(path: str) -> Iterator[tuple[int, Any]]:
+    """(line, value or _BadRow) per row: a JSON array if the file starts with "[", else JSONL."""
+    with open(path, "rb") as f:
+        data = f.read()
+    head = data.removeprefix(b"\xef\xbb\xbf").lstrip()
+    if not head.startswith(b"[") or _is_jsonl(head):
+        yield from _scan_jsonl(data)
+        return
+    try:
+        text = data.decode("utf-8-sig")
+    except UnicodeDecodeError as e:
+        yield data.count(b"\n", 0, e.start) + 1, _BadRow("row", INVALID_UTF8, "rest not read")
+        return
+    yield from _scan_json_array(text)
+
+
+def _text(value: Any, field: str, *, optional: bool = False) -> str:
+    if value is None:
+        if optional:
+            return ""
+        raise _BadRow(field, MISSING)
+    if not isinstance(value, str):
+        raise _BadRow(field, NOT_STRING, type(value).__name__)
+    if not optional and not value.strip():
+        raise _BadRow(field, EMPTY)
+    return value
+
+
+def _instruction_row(obj: dict, source: str, fields: dict[str, str]) -> Row:
+    response_key = fields["response"]
+    if response_key not in obj:
+        response_key = next((a for a in RESPONSE_ALIASES if a in obj), response_key)
+    return Row(
+        source=source,
+        instruction=_text(obj.get(fields["instruction"]), fields["instruction"]),
+        input=_text(obj.get(fields["input"]), fields["input"], optional=True),
+        response=_text(obj.get(response_key), response_key),
+    )
+
+
+def _chat_row(obj: dict, source: str, key: str) -> Row:
+    turns = obj.get(key)
+    if turns is None:
+        raise _BadRow(key, MISSING)
+    if not isinstance(turns, list):
+        raise _BadRow(key, NOT_LIST, type(turns).__name__)
+    messages = []
+    for i, turn in enumerate(turns):
+        if not isinstance(turn, dict):
+            raise _BadRow(f"{key}[{i}]", NOT_OBJECT)
+        role = _text(turn.get("role"), f"{key}[{i}].role")
+        if role not in ROLES:
+            raise _BadRow(f"{key}[{i}].role", UNKNOWN_ROLE, repr(role))
+        messages.append((role, _text(turn.get("content"), f"{key}[{i}].content")))
+    roles = [r for r, _ in messages]
+    if "assistant" not in roles:
+        raise _BadRow(key, NO_ASSISTANT)
+    start = 1 if roles[0] == "system" else 0
+    for i, role in enumerate(roles[start:], start=start):
+        expected = "user" if (i - start) % 2 == 0 else "assistant"
+        if role != expected:
+            raise _BadRow(f"{key}[{i}].role", TURN_ORDER, f"expected {expected}, got {role}")
+    if roles[-1] != "assistant":
+        raise _BadRow(f"{key}[{len(roles) - 1}].role", TURN_ORDER, "ends with a user turn")
+    return Row(source=source, messages=tuple(messages))
+
+
+def read_records(
+    paths: str | Sequence[str],
+    *,
+    chat: bool = False,
+    instruction_field: str = "instruction",
+    input_field: str = "input",
+    response_field: str = "response",
+    messages_field: str = "messages",
+    bad_rows: str = "fail",
+    drop_duplicates: bool = True,
+) -> tuple[list[Row], RecordReport]:
+    """Every valid row of the files, in file order, and a report of what was rejected and why.
+
+    With bad_rows="fail" any bad row raises BadRowsError after all files are read (so the message
+    has complete counts); with "skip" bad rows are only counted.
+    """
+    if bad_rows not in ("fail", "skip"):
+        raise ValueError(f"bad_rows must be 'fail' or 'skip', got {bad_rows!r}")
+    files = expand_paths(paths)
+    fields = {"instruction": instruction_field, "input": input_field, "response": response_field}
+    report = RecordReport(files=files)
+    rows: list[Row] = []
+    first_seen: dict[str, str] = {}
+    for path in files:
+        for line, value in scan_file(path):
+            source = f"{path}:{line}"
+            report.rows_read += 1
+            try:
+                if isinstance(value, _BadRow):
+                    raise value
+                if not isinstance(value, dict):
+                    raise _BadRow("row", NOT_OBJECT, type(value).__name__)
+                row = (
+                    _chat_row(value, source, messages_field)
+                    if chat
+                    else _instruction_row(value, source, fields)
+                )
+            except _BadRow as bad:
+                report.bad_by_reason[bad.reason] = report.bad_by_reason.get(bad.reason, 0) + 1
+                if len(report.problems) < MAX_PROBLEMS:
+                    detail = f" ({bad.detail})" if bad.detail else ""
+                    report.problems.append(f"{source}: {bad.field}: {bad.reason}{detail}")
+                continue
+            key = row.content_key()
+            if key in first_seen:
+                report.duplicates += 1
+                if len(report.duplicate_examples) < MAX_DUPLICATES:
+                    report.duplicate_examples.append(f"{source} repeats {first_seen[key]}")
+                if drop_duplicates:
+                    continue
+            else:
+                first_seen[key] = source
+            rows.append(row)
+    report.rows_kept = len(rows)
+    if bad_rows == "fail" and report.bad_rows:
+        raise BadRowsError(report)
+    return rows, report
