@@ -147,8 +147,10 @@ def fit(config: ml_collections.ConfigDict, workdir: str | pathlib.Path) -> FitRe
     def meta() -> dict:
         return {"early_stopping": dataclasses.asdict(early), "config": config.to_dict()}
 
-    def log_train(step: int, values: dict, seconds: float, steps: int) -> None:
-        values = {k: float(v) for k, v in jax.device_get(values).items()}
+    def log_train(step: int, values: dict, steps: int) -> None:
+        """Log one step's metrics; throughput over the `steps` since window_start."""
+        values = {k: float(v) for k, v in jax.device_get(values).items()}  # waits for the step
+        seconds = time.perf_counter() - window_start
         if not math.isfinite(values["loss"]):
             ckpt.wait()
             raise TrainingDiverged(
@@ -173,15 +175,13 @@ def fit(config: ml_collections.ConfigDict, workdir: str | pathlib.Path) -> FitRe
                 if pending is not None:  # read one step late: the device stays busy
                     pending_step, pending_metrics = pending
                     if pending_step % config.train.log_every_steps == 0:
-                        jax.block_until_ready(pending_metrics)
-                        log_train(pending_step, pending_metrics,
-                                  time.perf_counter() - window_start, window_steps - 1)  # fmt: skip
+                        log_train(pending_step, pending_metrics, window_steps - 1)
                         window_start, window_steps = time.perf_counter(), 1
                 pending = (step, step_metrics)
 
                 at_eval = step % config.eval.every_steps == 0 or step == total_steps
                 if at_eval or preemption.requested:
-                    log_train(step, step_metrics, time.perf_counter() - window_start, window_steps)
+                    log_train(step, step_metrics, window_steps)
                     pending = None
                 val_loss = None
                 if at_eval:

@@ -117,7 +117,7 @@ def train_step(state: TrainState, batch: dict, *, graphdef, tx, schedule, microb
     )
     metrics = {
         "loss": loss_sum / denominator,
-        "grad_norm": optax.global_norm(grads),
+        "grad_norm": optax.tree.norm(grads),
         "lr": schedule(state.step),
         "loss_tokens": tokens,
         "real_fraction": (batch["segment_ids"] > 0).mean(),

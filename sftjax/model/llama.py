@@ -203,7 +203,11 @@ class Llama(nnx.Module):
 
     def __call__(self, tokens_BL, positions_BL, segment_ids_BL) -> jax.Array:
         dt = jnp.dtype(self.cfg.dtype)
-        x_BLD = jnp.take(self.embedding[...], tokens_BL, axis=0).astype(dt)
+        # Gather from a table all-gathered over fsdp (as FSDP does for every weight at use):
+        # gathering from the embed-sharded table would leave activations sharded the wrong
+        # way and XLA falls back to replicating them ("involuntary full rematerialization").
+        table_VD = sharding.constrain(self.embedding[...], ("vocab_table", None))
+        x_BLD = jnp.take(table_VD, tokens_BL, axis=0).astype(dt)
         x_BLD = sharding.constrain(x_BLD, ("batch", "seq", None))
 
         def run_block(graphdef, block_state, x):

@@ -1,0 +1,81 @@
+"""Small real training setups: a tiny Llama, packed batches, a demo corpus and its config."""
+
+import importlib.util
+import pathlib
+
+import jax
+import numpy as np
+from flax import nnx
+
+from sftjax import demo_data, sharding, train
+from sftjax.data import pipeline
+from sftjax.data.tokenize import Example
+from sftjax.model import llama
+
+ROOT = pathlib.Path(__file__).resolve().parents[1]
+
+
+def random_examples(n: int, vocab: int, seed: int = 0) -> list[Example]:
+    """Learnable examples of 5..40 tokens (id[i+1] = f(id[i])), second half trainable."""
+    rng = np.random.default_rng(seed)
+    examples = []
+    for _ in range(n):
+        ids = [int(rng.integers(3, vocab))]
+        for _ in range(int(rng.integers(5, 40))):
+            ids.append((ids[-1] * 5 + 1) % (vocab - 3) + 3)
+        ids = np.asarray(ids, np.int32)
+        trainable = (np.arange(len(ids)) >= len(ids) // 2).astype(np.int32)
+        examples.append(Example(ids[:-1], ids[1:], trainable[1:]))
+    return examples
+
+
+def packed_batches(examples, *, batch_size: int, seq_len: int, steps: int) -> list[dict]:
+    dataset = pipeline.train_dataset(
+        examples, batch_size=batch_size, seq_len=seq_len, seed=0, num_epochs=50,
+        process_index=0, process_count=1,
+    )  # fmt: skip
+    return [dataset[i] for i in range(steps)]
+
+
+def optim_config(lr: float = 3e-3):
+    optim = base_config().optim
+    optim.lr, optim.warmup_ratio = lr, 0.0
+    return optim
+
+
+def tiny_trainer(mesh, *, microbatches: int = 1, seed: int = 0, total_steps: int = 10, **model):
+    """(state, step_fn, eval_fn, batch_sharding) for a tiny fp32 Llama on `mesh`."""
+    cfg = llama.preset("tiny", dtype="float32", vocab_size=64, **model)
+    tx, schedule = train.make_optimizer(optim_config(), total_steps)
+    model_ = llama.create(cfg, mesh, seed=seed)
+    graphdef, params = nnx.split(model_)
+    params = nnx.to_pure_dict(params)
+    param_shardings = jax.tree.map(lambda x: x.sharding, params)
+    shardings = train.state_shardings_for(param_shardings, params, tx)
+    state = train.init_state(params, tx, shardings, seed)
+    batch_sharding = sharding.batch_sharding(mesh)
+    step_fn, eval_fn = train.jit_steps(graphdef, tx, schedule, microbatches, shardings,
+                                       batch_sharding)  # fmt: skip
+    return state, step_fn, eval_fn, batch_sharding
+
+
+def base_config():
+    spec = importlib.util.spec_from_file_location("base_config", ROOT / "configs/base.py")
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module.get_config()
+
+
+def demo_corpus(directory: pathlib.Path, *, n_train: int = 400, n_val: int = 60):
+    """Write train/validation JSONL and a trained tokenizer; return (train, val, tok_dir, vocab)."""
+    train_rows, val_rows, _ = demo_data.make_splits(0, n_train, n_val, 0)
+    texts = [r["instruction"] + "\n" + r["response"] for r in train_rows]
+    tok_dir = directory / "tokenizer"
+    vocab = demo_data.train_tokenizer(texts + ["### Instruction:\n### Response:\n"] * 20, tok_dir,
+                                      vocab_size=256)  # fmt: skip
+    return (
+        demo_data.write_jsonl(train_rows, directory / "train.jsonl"),
+        demo_data.write_jsonl(val_rows, directory / "val.jsonl"),
+        tok_dir,
+        vocab,
+    )
