@@ -5,7 +5,7 @@ Owns sampling (greedy, temperature, top-k, top-p), the jitted prefill + decode l
 reading weights (model/hf_io.py): `generate` takes any `llama.Llama`, so a model restored from
 a training checkpoint is passed in the same way as one read from a Hugging Face directory.
 
-Batching: prompts are left-padded to one bucket length (a power of two, so few compiles) and
+Batching: prompts are left-padded to one bucket length (a power of two, so few compiles), and
 every row then writes its step-t token to the same cache slot. Padding has segment id 0, and
 positions start at 0 on each row's first real token, so a row's tokens don't depend on what
 it was batched with. Decoding runs a fixed `max_new_tokens` steps in a `jax.lax.while_loop`
@@ -110,9 +110,9 @@ def _generate_ids(
     return jax.lax.while_loop(keep_going, decode_step, carry)[3]
 
 
-def _bucket(length: int) -> int:
-    """Prefill length for a prompt of `length` tokens: the next power of two, at least 16."""
-    return max(MIN_BUCKET, 1 << (length - 1).bit_length())
+def _bucket(length: int, minimum: int = MIN_BUCKET) -> int:
+    """The next power of two >= length, at least `minimum`: shapes that recur across calls."""
+    return max(minimum, 1 << (length - 1).bit_length())
 
 
 def _left_pad(prompts: Sequence[Sequence[int]], rows: int, bucket: int):
@@ -157,9 +157,10 @@ def generate(
             f"max_seq_len {model.cfg.max_seq_len}"
         )
     mesh = _mesh(model)
-    # The batch axis is split over data x fsdp, so the row count must divide evenly.
+    # Rows: a power of two (few compiles across batch sizes; decoding is memory-bound, so
+    # filler rows are nearly free) that the batch axis, split over data x fsdp, divides.
     shards = mesh.shape.get("data", 1) * mesh.shape.get("fsdp", 1)
-    rows = -(-len(prompts) // shards) * shards
+    rows = -(-_bucket(len(prompts), minimum=1) // shards) * shards
     tokens, positions, segment_ids = _left_pad(prompts, rows, _bucket(longest))
     graphdef, state = nnx.split(model)
     sampling = Sampling(float(temperature), int(top_k), float(top_p))

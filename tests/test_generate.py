@@ -9,6 +9,8 @@ import sys
 import jax
 import numpy as np
 import pytest
+from absl import flags
+from absl.testing import flagsaver
 from conftest import shared_path
 from flax import nnx
 from hf_fixtures import make_hf_llama, our_logits
@@ -59,8 +61,10 @@ def test_prefill_logits_with_cache_equal_full_forward(tiny):
     logits, cache = prefill(tiny, tokens, positions, segment_ids)
     assert int(cache.end) == 16 and cache.k.shape == (2, 3, 20, 4, 8)
     for row, prompt in enumerate(PROMPTS):
-        alone = our_logits(tiny, np.asarray(prompt)[None])[0]
-        np.testing.assert_allclose(logits[row, 16 - len(prompt) :], alone, atol=1e-5, rtol=1e-5)
+        alone = np.zeros((1, 16), np.int32)  # the shape full_forward_greedy compiled
+        alone[0, : len(prompt)] = prompt
+        expected = our_logits(tiny, alone)[0, : len(prompt)]
+        np.testing.assert_allclose(logits[row, 16 - len(prompt) :], expected, atol=1e-5, rtol=1e-5)
 
 
 def test_sample_keeps_only_top_k_and_nucleus():
@@ -139,20 +143,7 @@ def test_stories260k_greedy_from_bos_matches_llama2c():
     assert generate.generate(model, [[1]], max_new_tokens=60, eos_id=2) == [golden]
 
 
-def run_cli(*args: str) -> subprocess.CompletedProcess:
-    """`python -m sftjax.generate` from this checkout, one CPU device."""
-    root = pathlib.Path(sftjax.__file__).resolve().parents[1]
-    env = {k: v for k, v in os.environ.items() if k != "XLA_FLAGS"}
-    # USE_TORCH=0: the tokenizer doesn't need torch, and importing it costs seconds.
-    env.update(PYTHONPATH=str(root), JAX_PLATFORMS="cpu", JAX_DISABLE_MOST_OPTIMIZATIONS="1",
-               USE_TORCH="0")  # fmt: skip
-    command = [sys.executable, "-m", "sftjax.generate", *args, "--dtype=float32"]
-    done = subprocess.run(command, capture_output=True, text=True, env=env, cwd=root, timeout=120)
-    assert done.returncode == 0, done.stderr[-3000:]
-    return done
-
-
-def test_cli_answers_a_prompt_and_a_jsonl_file(hf_dir, tmp_path):
+def test_cli_prints_an_answer_and_writes_one_line_per_row(hf_dir, tmp_path):
     import transformers
 
     model = hf_io.load_pretrained(hf_dir, dtype="float32")
@@ -167,12 +158,30 @@ def test_cli_answers_a_prompt_and_a_jsonl_file(hf_dir, tmp_path):
         "### Instruction:\nwhy\n\n### Input:\nsky\n\n### Response:\n"
     )
 
-    done = run_cli(f"--checkpoint={hf_dir}", "--prompt=name a color", "--max_new_tokens=8")
+    # The real entry point, in a fresh process on one CPU device.
+    root = pathlib.Path(sftjax.__file__).resolve().parents[1]
+    env = {k: v for k, v in os.environ.items() if k != "XLA_FLAGS"}
+    env.update(PYTHONPATH=str(root), JAX_PLATFORMS="cpu", JAX_DISABLE_MOST_OPTIMIZATIONS="1")
+    command = [sys.executable, "-m", "sftjax.generate", f"--checkpoint={hf_dir}",
+               "--prompt=name a color", "--max_new_tokens=8", "--dtype=float32"]  # fmt: skip
+    done = subprocess.run(command, capture_output=True, text=True, env=env, cwd=root, timeout=120)
+    assert done.returncode == 0, done.stderr[-3000:]
     assert done.stdout == expected[0] + "\n"
 
+    # --input/--output through the same main() and flag parsing, in this process (saves ~10 s
+    # of interpreter start, imports and compiles).
     (tmp_path / "rows.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
     out = tmp_path / "answers.jsonl"
-    run_cli(f"--checkpoint={hf_dir}", f"--input={tmp_path / 'rows.jsonl'}", f"--output={out}",
-            "--max_new_tokens=8", "--batch_size=2")  # fmt: skip
+    argv = [
+        "generate",
+        f"--checkpoint={hf_dir}",
+        f"--input={tmp_path / 'rows.jsonl'}",
+        f"--output={out}",
+        "--max_new_tokens=8",
+        "--batch_size=4",  # one chunk of 3 rows: the compile `expected` made is reused
+        "--dtype=float32",
+    ]
+    with flagsaver.flagsaver():
+        generate.main(flags.FLAGS(argv))
     written = [json.loads(line) for line in out.read_text().splitlines()]
     assert written == [{**r, "generated": e} for r, e in zip(rows, expected, strict=True)]
