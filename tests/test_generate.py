@@ -1,5 +1,6 @@
 """KV-cache generation: equal to full forwards, to HF and to llama2.c; sampling rules; the CLI."""
 
+import functools
 import json
 import os
 import pathlib
@@ -33,12 +34,19 @@ def quick_compiles():
     jax.config.update("jax_disable_most_optimizations", previous)
 
 
-@pytest.fixture(scope="module", params=[False, True], ids=["unscanned", "scanned"])
-def tiny(request):
+@functools.cache
+def tiny_model(scan_layers: bool, mesh_axes: tuple = ()) -> llama.Llama:
+    """A random tiny Llama, built once per layout; `mesh_axes` (data, fsdp, tensor) shards it."""
     # init_std 0.1 spreads the logits, so argmax is not decided by rounding noise.
     cfg = llama.preset("tiny", dtype="float32", vocab_size=64, init_std=0.1,
-                       scan_layers=request.param)  # fmt: skip
-    return llama.create(cfg, sharding.make_mesh(devices=jax.devices()[:1]), seed=0)
+                       scan_layers=scan_layers)  # fmt: skip
+    mesh = sharding.make_mesh(*mesh_axes, devices=None if mesh_axes else jax.devices()[:1])
+    return llama.create(cfg, mesh, seed=0)
+
+
+@pytest.fixture(params=[False, True], ids=["unscanned", "scanned"])
+def tiny(request) -> llama.Llama:
+    return tiny_model(request.param)
 
 
 def full_forward_greedy(model, prompt, steps) -> list[int]:
@@ -78,10 +86,15 @@ def test_sample_keeps_only_top_k_and_nucleus():
     assert abs((top2 == 0).mean() - 0.5 / 0.8) < 0.03  # renormalised over the kept tokens
 
 
-def test_sampling_limits_seeds_and_eos(tiny):
-    if tiny.cfg.scan_layers:
-        pytest.skip("sampling does not depend on the layer layout; one model is enough")
-    run = lambda **kw: generate.generate(tiny, PROMPTS, max_new_tokens=STEPS, **kw)
+def test_sharded_model_generates_the_same_tokens():
+    sharded = tiny_model(False, (2, 2, 2))  # batch split 4 ways: 3 prompts run as 4 rows
+    assert len(sharded.layers[0].mlp.up[...].sharding.device_set) == 8
+    single = generate.generate(tiny_model(False), PROMPTS, max_new_tokens=STEPS, eos_id=NEVER)
+    assert generate.generate(sharded, PROMPTS, max_new_tokens=STEPS, eos_id=NEVER) == single
+
+
+def test_sampling_limits_seeds_and_eos():
+    run = lambda **kw: generate.generate(tiny_model(False), PROMPTS, max_new_tokens=STEPS, **kw)
     greedy = run(eos_id=NEVER)
     assert run(eos_id=NEVER, temperature=0.7, top_k=1, seed=3) == greedy
     assert run(eos_id=NEVER, temperature=1.0, top_p=1e-6, seed=3) == greedy
