@@ -7,7 +7,7 @@ a training checkpoint is passed in the same way as one read from a Hugging Face 
 
 Batching: prompts are left-padded to one bucket length (a power of two, so few compiles), and
 every row then writes its step-t token to the same cache slot. Padding has segment id 0, and
-positions start at 0 on each row's first real token, so a row's tokens don't depend on what
+positions start at 0 on each row's first real token, so a row's logits don't depend on what
 it was batched with. Decoding runs a fixed `max_new_tokens` steps in a `jax.lax.while_loop`
 that stops early once every row has produced `eos_id`; returned tokens stop before EOS.
 Single-host: the prompts are host numpy arrays that jit places on the model's mesh.
@@ -78,7 +78,7 @@ def _generate_ids(
     max_new_tokens: int,
     sampling: Sampling,
 ) -> jax.Array:
-    """[B, max_new_tokens] new tokens, EOS included, -1 after a row's EOS."""
+    """[B, max_new_tokens] new tokens, EOS included, -1 after a row's EOS and on filler rows."""
     model = nnx.merge(graphdef, state)
     batch, bucket = tokens_BT.shape
     # Decode step t writes slot bucket + t; the last step's cache write is never read back.
@@ -105,7 +105,8 @@ def _generate_ids(
         return step + 1, sample(logits_B1V[:, 0], step_key, sampling), done_B, out_BN, cache, key
 
     out_BN = jnp.full((batch, max_new_tokens), -1, jnp.int32)
-    done_B = jnp.zeros((batch,), bool)
+    # Filler rows (all padding) start done, so they never hold back the early exit.
+    done_B = segment_ids_BT[:, -1] == 0
     carry = (jnp.int32(0), token_B, done_B, out_BN, cache, key)
     return jax.lax.while_loop(keep_going, decode_step, carry)[3]
 
@@ -116,12 +117,11 @@ def _bucket(length: int, minimum: int = MIN_BUCKET) -> int:
 
 
 def _left_pad(prompts: Sequence[Sequence[int]], rows: int, bucket: int):
-    """tokens, positions, segment_ids [rows, bucket]; rows past the prompts are fillers."""
+    """tokens, positions, segment_ids [rows, bucket]; rows past the prompts are all padding."""
     tokens = np.zeros((rows, bucket), np.int32)
     positions = np.zeros((rows, bucket), np.int32)
     segment_ids = np.zeros((rows, bucket), np.int32)
-    for row in range(rows):
-        prompt = prompts[row] if row < len(prompts) else prompts[0][:1]
+    for row, prompt in enumerate(prompts):
         tokens[row, bucket - len(prompt) :] = prompt
         positions[row, bucket - len(prompt) :] = np.arange(len(prompt))
         segment_ids[row, bucket - len(prompt) :] = 1
@@ -195,7 +195,10 @@ def respond(
         texts = [r["prompt"] for r in rows]
     else:
         raise ValueError(f"template {template!r} not in ('alpaca', 'none')")
-    # BOS by id, not by the tokenizer's post-processor, so every tokenizer gives [bos] + text.
+    if tokenizer.eos_token_id is None:
+        raise ValueError("the tokenizer has no eos_token; generation could not stop")
+    # BOS by id, not by the tokenizer's post-processor, so every tokenizer gives [bos] + text
+    # (for Llama-2's tokenizer this equals tokenizer(text), checked on alpaca_en_demo).
     bos = [] if tokenizer.bos_token_id is None else [tokenizer.bos_token_id]
     prompts = [bos + tokenizer(t, add_special_tokens=False)["input_ids"] for t in texts]
     new_ids = generate(model, prompts, eos_id=tokenizer.eos_token_id, **kwargs)
