@@ -11,6 +11,7 @@ positions start at 0 on each row's first real token, so a row's logits don't dep
 it was batched with. Decoding runs a fixed `max_new_tokens` steps in a `jax.lax.while_loop`
 that stops early once every row has produced `eos_id`; returned tokens stop before EOS.
 Single-host: the prompts are host numpy arrays that jit places on the model's mesh.
+Shapes: B rows, L prompt bucket, T max_new_tokens, V vocab (cache slots S = L + T).
 
     python -m sftjax.generate --checkpoint=HF_DIR --prompt="Name three primary colors."
     python -m sftjax.generate --checkpoint=HF_DIR --input=rows.jsonl --output=answers.jsonl
@@ -69,9 +70,9 @@ def sample(logits_BV: jax.Array, key: jax.Array, sampling: Sampling) -> jax.Arra
 def _generate_ids(
     graphdef: nnx.GraphDef,
     state: nnx.State,
-    tokens_BT: jax.Array,
-    positions_BT: jax.Array,
-    segment_ids_BT: jax.Array,
+    tokens_BL: jax.Array,
+    positions_BL: jax.Array,
+    segment_ids_BL: jax.Array,
     eos_id: jax.Array,
     key: jax.Array,
     *,
@@ -80,34 +81,34 @@ def _generate_ids(
 ) -> jax.Array:
     """[B, max_new_tokens] new tokens, EOS included, -1 after a row's EOS and on filler rows."""
     model = nnx.merge(graphdef, state)
-    batch, bucket = tokens_BT.shape
-    # Decode step t writes slot bucket + t; the last step's cache write is never read back.
+    batch, bucket = tokens_BL.shape
+    # Decode step t writes slot L + t; the last step's cache write is never read back.
     cache = llama.init_cache(model.cfg, batch, bucket + max_new_tokens)
-    logits_BTV, cache = model(tokens_BT, positions_BT, segment_ids_BT, cache)
+    logits_BLV, cache = model(tokens_BL, positions_BL, segment_ids_BL, cache)
     key, step_key = jax.random.split(key)
     # Left padding puts every row's last prompt token at the bucket's last slot.
-    token_B = sample(logits_BTV[:, -1], step_key, sampling)
-    next_position_B = positions_BT[:, -1] + 1
+    token_B = sample(logits_BLV[:, -1], step_key, sampling)
+    next_position_B = positions_BL[:, -1] + 1
 
     def keep_going(carry):
         step, _, done_B, *_ = carry
         return (step < max_new_tokens) & ~jnp.all(done_B)
 
     def decode_step(carry):
-        step, token_B, done_B, out_BN, cache, key = carry
-        out_BN = out_BN.at[:, step].set(jnp.where(done_B, -1, token_B))
+        step, token_B, done_B, out_BT, cache, key = carry
+        out_BT = out_BT.at[:, step].set(jnp.where(done_B, -1, token_B))
         done_B = done_B | (token_B == eos_id)
         positions_B1 = (next_position_B + step)[:, None]
         logits_B1V, cache = model(
             token_B[:, None], positions_B1, jnp.ones_like(positions_B1), cache
         )
         key, step_key = jax.random.split(key)
-        return step + 1, sample(logits_B1V[:, 0], step_key, sampling), done_B, out_BN, cache, key
+        return step + 1, sample(logits_B1V[:, 0], step_key, sampling), done_B, out_BT, cache, key
 
-    out_BN = jnp.full((batch, max_new_tokens), -1, jnp.int32)
+    out_BT = jnp.full((batch, max_new_tokens), -1, jnp.int32)
     # Filler rows (all padding) start done, so they never hold back the early exit.
-    done_B = segment_ids_BT[:, -1] == 0
-    carry = (jnp.int32(0), token_B, done_B, out_BN, cache, key)
+    done_B = segment_ids_BL[:, -1] == 0
+    carry = (jnp.int32(0), token_B, done_B, out_BT, cache, key)
     return jax.lax.while_loop(keep_going, decode_step, carry)[3]
 
 
