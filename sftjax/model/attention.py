@@ -4,6 +4,10 @@ Owns the masking rule (a token sees earlier tokens of its own example only; segm
 padding and sees only padding, so no row is ever empty) and the choice of kernel. It does not
 own projections or rotary embeddings (model/llama.py).
 
+Decoding with a KV cache uses the same rule: queries are the chunk written at cache slots
+[q_start, q_start + L) and keys are every slot of the cache, each with its own segment id
+(0 for padding and for slots not yet written, which causality hides anyway).
+
 Shapes: B batch, L query length, S key length, N query heads, K kv heads, G = N // K, H head_dim.
 """
 
@@ -13,15 +17,22 @@ import jax.numpy as jnp
 IMPLEMENTATIONS = ("xla", "cudnn")
 
 
-def segment_mask(segment_ids_BL: jax.Array) -> jax.Array:
-    """[B, 1, L, L] bool: causal and same segment (True = may attend)."""
-    length = segment_ids_BL.shape[1]
-    causal_LL = jnp.tril(jnp.ones((length, length), dtype=bool))
-    same_BLL = segment_ids_BL[:, :, None] == segment_ids_BL[:, None, :]
-    return (same_BLL & causal_LL[None])[:, None]
+def segment_mask(
+    segment_ids_BL: jax.Array, kv_segment_ids_BS: jax.Array | None = None, q_start=0
+) -> jax.Array:
+    """[B, 1, L, S] bool: causal and same segment (True = may attend).
+
+    Without `kv_segment_ids_BS` the keys are the queries themselves (S = L, training); with it
+    the queries sit at key slots q_start.. (cached decoding), `q_start` possibly traced.
+    """
+    kv_segment_ids_BS = segment_ids_BL if kv_segment_ids_BS is None else kv_segment_ids_BS
+    q_slot_L = q_start + jnp.arange(segment_ids_BL.shape[1])
+    causal_LS = jnp.arange(kv_segment_ids_BS.shape[1])[None, :] <= q_slot_L[:, None]
+    same_BLS = segment_ids_BL[:, :, None] == kv_segment_ids_BS[:, None, :]
+    return (same_BLS & causal_LS[None])[:, None]
 
 
-def attend_xla(q_BLNH, k_BSKH, v_BSKH, segment_ids_BL) -> jax.Array:
+def attend_xla(q_BLNH, k_BSKH, v_BSKH, segment_ids_BL, kv_segment_ids_BS=None, q_start=0):
     """Reference attention: fp32 scores and softmax, grouped-query without repeating k/v."""
     batch, length, num_heads, head_dim = q_BLNH.shape
     num_kv = k_BSKH.shape[2]
@@ -29,20 +40,33 @@ def attend_xla(q_BLNH, k_BSKH, v_BSKH, segment_ids_BL) -> jax.Array:
     scores_BKGLS = jnp.einsum(
         "blkgh,bskh->bkgls", q_BLKGH, k_BSKH, preferred_element_type=jnp.float32
     ) / jnp.sqrt(jnp.float32(head_dim))
-    mask_B11LS = segment_mask(segment_ids_BL)[:, :, None]
+    mask_B11LS = segment_mask(segment_ids_BL, kv_segment_ids_BS, q_start)[:, :, None]
     scores_BKGLS = jnp.where(mask_B11LS, scores_BKGLS, jnp.finfo(jnp.float32).min)
     probs_BKGLS = jax.nn.softmax(scores_BKGLS, axis=-1).astype(v_BSKH.dtype)
     out_BLKGH = jnp.einsum("bkgls,bskh->blkgh", probs_BKGLS, v_BSKH)
     return out_BLKGH.reshape(batch, length, num_heads, head_dim)
 
 
-def attend(q_BLNH, k_BSKH, v_BSKH, segment_ids_BL, *, implementation: str = "xla") -> jax.Array:
-    """Causal, segment-restricted attention. `cudnn` is the fused GPU kernel (same mask)."""
-    if implementation == "xla":
-        return attend_xla(q_BLNH, k_BSKH, v_BSKH, segment_ids_BL)
-    if implementation == "cudnn":
-        same_B1LS = segment_ids_BL[:, None, :, None] == segment_ids_BL[:, None, None, :]
-        return jax.nn.dot_product_attention(
-            q_BLNH, k_BSKH, v_BSKH, mask=same_B1LS, is_causal=True, implementation="cudnn"
-        )
-    raise ValueError(f"attention implementation {implementation!r} not in {IMPLEMENTATIONS}")
+def attend(
+    q_BLNH,
+    k_BSKH,
+    v_BSKH,
+    segment_ids_BL,
+    *,
+    kv_segment_ids_BS: jax.Array | None = None,
+    q_start=0,
+    implementation: str = "xla",
+) -> jax.Array:
+    """Causal, segment-restricted attention. `cudnn` is the fused GPU kernel (same mask).
+
+    Cached decoding (`kv_segment_ids_BS` given) always takes the XLA path: it reads one query
+    against the whole cache, which is memory-bound, so a fused kernel buys little there.
+    """
+    if implementation not in IMPLEMENTATIONS:
+        raise ValueError(f"attention implementation {implementation!r} not in {IMPLEMENTATIONS}")
+    if implementation == "xla" or kv_segment_ids_BS is not None:
+        return attend_xla(q_BLNH, k_BSKH, v_BSKH, segment_ids_BL, kv_segment_ids_BS, q_start)
+    same_B1LS = segment_ids_BL[:, None, :, None] == segment_ids_BL[:, None, None, :]
+    return jax.nn.dot_product_attention(
+        q_BLNH, k_BSKH, v_BSKH, mask=same_B1LS, is_causal=True, implementation="cudnn"
+    )

@@ -7,15 +7,17 @@ convention is Hugging Face's `LlamaForCausalLM`, so imported weights need no per
 Shape legend: B batch, L seq, D embed, N q-heads, K kv-heads, H head_dim, F mlp, V vocab.
 Calling convention: `model(tokens_BL, positions_BL, segment_ids_BL) -> logits_BLV`; positions
 restart at 0 for each packed example and segment id 0 marks padding.
+Decoding passes a `Cache` as well: `model(tokens_BL, positions_BL, segment_ids_BL, cache)
+-> (logits_BLV, cache)`, the chunk's keys and values written at cache slots [end, end + L).
 """
 
 import dataclasses
 import math
-from typing import Literal
+from typing import Literal, NamedTuple
 
 import jax
 import jax.numpy as jnp
-from flax import nnx
+from flax import nnx, struct
 
 from sftjax import sharding
 from sftjax.model import attention
@@ -88,6 +90,41 @@ def preset(name: str, **overrides) -> LlamaConfig:
     return LlamaConfig(**{**PRESETS[name], **overrides})
 
 
+@struct.dataclass
+class Cache:
+    """Every layer's keys and values for generation; slot s of a row holds its s-th written token.
+
+    `segment_ids` marks real tokens (1, or any id > 0) and padding or unwritten slots (0), so
+    prompts of different lengths can share slots by left-padding. Layers are stacked on the
+    leading axis whether or not the model scans its layers.
+    """
+
+    k: jax.Array  # [layers, B, S, K, H], keys after rotary
+    v: jax.Array  # [layers, B, S, K, H]
+    segment_ids: jax.Array  # [B, S] int32
+    end: jax.Array  # int32 scalar: slots [0, end) are written
+
+
+def init_cache(cfg: LlamaConfig, batch_size: int, length: int) -> Cache:
+    """An empty cache of `length` slots per row, in the compute dtype."""
+    shape = (cfg.num_layers, batch_size, length, cfg.num_kv_heads, cfg.head_dim)
+    return Cache(
+        k=jnp.zeros(shape, jnp.dtype(cfg.dtype)),
+        v=jnp.zeros(shape, jnp.dtype(cfg.dtype)),
+        segment_ids=jnp.zeros((batch_size, length), jnp.int32),
+        end=jnp.zeros((), jnp.int32),
+    )
+
+
+class LayerCache(NamedTuple):
+    """One layer's view of a Cache: its own k/v plus the shared slot segment ids and write slot."""
+
+    k_BSKH: jax.Array
+    v_BSKH: jax.Array
+    segment_ids_BS: jax.Array  # already includes the chunk being written
+    start: jax.Array
+
+
 def _param(rngs: nnx.Rngs, cfg: LlamaConfig, shape, names, std: float) -> nnx.Param:
     value = std * jax.random.normal(rngs.params(), shape, dtype=jnp.dtype(cfg.param_dtype))
     return nnx.Param(value, out_sharding=names)
@@ -129,7 +166,8 @@ class Attention(nnx.Module):
         self.v = _param(rngs, cfg, (d, k, h), ("embed", "kv_heads", "head_dim"), std)
         self.o = _param(rngs, cfg, (n, h, d), ("heads", "head_dim", "embed"), std)
 
-    def __call__(self, x_BLD, positions_BL, segment_ids_BL) -> jax.Array:
+    def __call__(self, x_BLD, positions_BL, segment_ids_BL, cache: LayerCache | None = None):
+        """Output [B, L, D] and, with a cache, the cache holding this chunk's keys and values."""
         dt = x_BLD.dtype
         q_BLNH = jnp.einsum("bld,dnh->blnh", x_BLD, self.q[...].astype(dt))
         k_BLKH = jnp.einsum("bld,dkh->blkh", x_BLD, self.k[...].astype(dt))
@@ -137,10 +175,24 @@ class Attention(nnx.Module):
         q_BLNH = sharding.constrain(q_BLNH, ("batch", "seq", "heads", None))
         q_BLNH = rotary(q_BLNH, positions_BL, self.cfg.rope_theta)
         k_BLKH = rotary(k_BLKH, positions_BL, self.cfg.rope_theta)
-        out_BLNH = attention.attend(
-            q_BLNH, k_BLKH, v_BLKH, segment_ids_BL, implementation=self.cfg.attention
-        )
-        return jnp.einsum("blnh,nhd->bld", out_BLNH, self.o[...].astype(dt))
+        if cache is None:
+            out_BLNH = attention.attend(
+                q_BLNH, k_BLKH, v_BLKH, segment_ids_BL, implementation=self.cfg.attention
+            )
+        else:
+            k_BSKH = jax.lax.dynamic_update_slice_in_dim(
+                cache.k_BSKH, k_BLKH.astype(cache.k_BSKH.dtype), cache.start, axis=1
+            )
+            v_BSKH = jax.lax.dynamic_update_slice_in_dim(
+                cache.v_BSKH, v_BLKH.astype(cache.v_BSKH.dtype), cache.start, axis=1
+            )
+            cache = cache._replace(k_BSKH=k_BSKH, v_BSKH=v_BSKH)
+            out_BLNH = attention.attend(
+                q_BLNH, k_BSKH.astype(dt), v_BSKH.astype(dt), segment_ids_BL,
+                kv_segment_ids_BS=cache.segment_ids_BS, q_start=cache.start,
+                implementation=self.cfg.attention,
+            )  # fmt: skip
+        return jnp.einsum("blnh,nhd->bld", out_BLNH, self.o[...].astype(dt)), cache
 
 
 class Mlp(nnx.Module):
@@ -167,10 +219,13 @@ class Block(nnx.Module):
         self.mlp_norm = RMSNorm(cfg)
         self.mlp = Mlp(cfg, rngs)
 
-    def __call__(self, x_BLD, positions_BL, segment_ids_BL) -> jax.Array:
-        x_BLD = x_BLD + self.attention(self.attention_norm(x_BLD), positions_BL, segment_ids_BL)
+    def __call__(self, x_BLD, positions_BL, segment_ids_BL, cache: LayerCache | None = None):
+        attended_BLD, cache = self.attention(
+            self.attention_norm(x_BLD), positions_BL, segment_ids_BL, cache
+        )
+        x_BLD = x_BLD + attended_BLD
         x_BLD = x_BLD + self.mlp(self.mlp_norm(x_BLD))
-        return sharding.constrain(x_BLD, ("batch", "seq", None))
+        return sharding.constrain(x_BLD, ("batch", "seq", None)), cache
 
 
 def _remat(fn, policy: Remat):
@@ -201,7 +256,8 @@ class Llama(nnx.Module):
         if not cfg.tie_embeddings:
             self.lm_head = _param(rngs, cfg, (d, v), ("embed", "vocab"), cfg.init_std)
 
-    def __call__(self, tokens_BL, positions_BL, segment_ids_BL) -> jax.Array:
+    def __call__(self, tokens_BL, positions_BL, segment_ids_BL, cache: Cache | None = None):
+        """logits [B, L, V]; with a cache, (logits, the cache with this chunk appended)."""
         dt = jnp.dtype(self.cfg.dtype)
         # Gather from a table all-gathered over fsdp (as FSDP does for every weight at use):
         # gathering from the embed-sharded table would leave activations sharded the wrong
@@ -209,28 +265,48 @@ class Llama(nnx.Module):
         table_VD = sharding.constrain(self.embedding[...], ("vocab_table", None))
         x_BLD = jnp.take(table_VD, tokens_BL, axis=0).astype(dt)
         x_BLD = sharding.constrain(x_BLD, ("batch", "seq", None))
+        if cache is not None:
+            kv_segment_ids_BS = jax.lax.dynamic_update_slice_in_dim(
+                cache.segment_ids, segment_ids_BL.astype(jnp.int32), cache.end, axis=1
+            )
 
-        def run_block(graphdef, block_state, x):
-            return nnx.merge(graphdef, block_state)(x, positions_BL, segment_ids_BL)
+        def run_block(graphdef, block_state, x, kv):
+            """kv: this layer's (k, v) cache buffers, or None without a cache."""
+            layer_cache = None if kv is None else LayerCache(*kv, kv_segment_ids_BS, cache.end)
+            x, layer_cache = nnx.merge(graphdef, block_state)(
+                x, positions_BL, segment_ids_BL, layer_cache
+            )
+            return x, None if layer_cache is None else (layer_cache.k_BSKH, layer_cache.v_BSKH)
 
         run_block = _remat(run_block, self.cfg.remat)
+        kv = None if cache is None else (cache.k, cache.v)
         if self.cfg.scan_layers:
             graphdef, stacked = nnx.split(self.layers)
 
-            def body(x, block_state):
-                return run_block(graphdef, block_state, x), None
+            def body(x, layer):
+                block_state, layer_kv = layer
+                return run_block(graphdef, block_state, x, layer_kv)
 
-            x_BLD, _ = jax.lax.scan(body, x_BLD, stacked)
+            # The stacked caches (or None) are scanned alongside the stacked block parameters.
+            x_BLD, kv = jax.lax.scan(body, x_BLD, (stacked, kv))
         else:
-            for block in self.layers:
-                x_BLD = run_block(*nnx.split(block), x_BLD)
+            new_kv = []
+            for i, block in enumerate(self.layers):
+                layer_kv = None if kv is None else (kv[0][i], kv[1][i])
+                x_BLD, layer_kv = run_block(*nnx.split(block), x_BLD, layer_kv)
+                new_kv.append(layer_kv)
+            kv = None if kv is None else tuple(jnp.stack(t) for t in zip(*new_kv, strict=True))
 
         x_BLD = self.final_norm(x_BLD)
         if self.cfg.tie_embeddings:
             logits_BLV = jnp.einsum("bld,vd->blv", x_BLD, self.embedding[...].astype(dt))
         else:
             logits_BLV = jnp.einsum("bld,dv->blv", x_BLD, self.lm_head[...].astype(dt))
-        return sharding.constrain(logits_BLV, ("batch", "seq", "vocab"))
+        logits_BLV = sharding.constrain(logits_BLV, ("batch", "seq", "vocab"))
+        if cache is None:
+            return logits_BLV
+        end = cache.end + tokens_BL.shape[1]
+        return logits_BLV, Cache(k=kv[0], v=kv[1], segment_ids=kv_segment_ids_BS, end=end)
 
 
 def _stacked_blocks(cfg: LlamaConfig, rngs: nnx.Rngs) -> Block:
@@ -247,15 +323,21 @@ def count_params(model: nnx.Module) -> int:
     return sum(math.prod(x.shape) for x in jax.tree.leaves(nnx.state(model, nnx.Param)))
 
 
-def create(cfg: LlamaConfig, mesh: jax.sharding.Mesh, *, seed: int = 0,
-           rules: sharding.Rules = sharding.DEFAULT_RULES) -> Llama:
-    """Random init under jit: every parameter is born in its sharding (70B never sits on one host)."""
+def create(
+    cfg: LlamaConfig,
+    mesh: jax.sharding.Mesh,
+    *,
+    seed: int = 0,
+    rules: sharding.Rules = sharding.DEFAULT_RULES,
+) -> Llama:
+    """Random init under jit: each parameter is born in its sharding (70B never on one host)."""
     with jax.set_mesh(mesh), nnx.logical_axis_rules(rules):
         return nnx.jit(lambda: Llama(cfg, rngs=nnx.Rngs(seed)))()
 
 
-def abstract(cfg: LlamaConfig, mesh: jax.sharding.Mesh,
-             rules: sharding.Rules = sharding.DEFAULT_RULES) -> Llama:
+def abstract(
+    cfg: LlamaConfig, mesh: jax.sharding.Mesh, rules: sharding.Rules = sharding.DEFAULT_RULES
+) -> Llama:
     """Shapes, dtypes and shardings only (no memory): for loading, planning and eval_shape tests."""
     with jax.set_mesh(mesh), nnx.logical_axis_rules(rules):
         return nnx.eval_shape(lambda: Llama(cfg, rngs=nnx.Rngs(0)))
