@@ -43,7 +43,8 @@ def get_config() -> ml_collections.ConfigDict:
     c.eval.batch_size = 64  # global rows per evaluation step (last batch padded, never dropped)
     c.eval.patience = 3  # stop after this many evaluations without improvement
     c.eval.min_delta = 0.0  # an improvement must lower validation loss by more than this
-    c.eval.prompts = ()  # instructions answered and logged at every evaluation
+    c.eval.prompts = ()  # instructions answered (greedy) and logged at every evaluation
+    c.eval.max_new_tokens = 64  # answer length limit for eval.prompts
 
     c.mesh = ml_collections.ConfigDict()
     c.mesh.data = 1  # pure data parallelism (replicated params); -1 = remaining devices

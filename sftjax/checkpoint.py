@@ -68,6 +68,12 @@ class Checkpointer:
         restored = self._manager.restore(step, args=ocp.args.Composite(**items))
         return restored["state"], restored.get("data_iter") if data_iter else None, restored["meta"]
 
+    def restore_meta(self, step: int) -> dict:
+        """Only the JSON record of `step` (its config, early-stopping state)."""
+        return self._manager.restore(step, args=ocp.args.Composite(meta=ocp.args.JsonRestore()))[
+            "meta"
+        ]
+
     def wait(self) -> None:
         """Block until background saves are on disk."""
         self._manager.wait_until_finished()

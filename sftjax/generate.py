@@ -30,6 +30,7 @@ import numpy as np
 from absl import app, flags, logging
 from flax import nnx
 
+from sftjax.data import records, templates, tokenize
 from sftjax.model import hf_io, llama
 
 MIN_BUCKET = 16  # shortest prefill length: small prompts share one compile
@@ -177,33 +178,32 @@ def generate(
     return answers
 
 
-def _alpaca_prompt(instruction: str, input_text: str = "") -> str:
-    """The alpaca prompt text; it must equal the prompt the model was trained on, byte for byte."""
-    context = f"### Input:\n{input_text}\n\n" if input_text else ""
-    return f"### Instruction:\n{instruction}\n\n{context}### Response:\n"
+def prompt_ids(row: dict, template: str, tok: tokenize.SegmentTokenizer) -> list[int]:
+    """The prompt's ids exactly as training encoded them: the template's leading untrained part.
+
+    Rows: {"instruction", "input"?} (alpaca), {"messages"} ending in a user turn (chat), or
+    {"prompt"} (template "none": raw text after BOS).
+    """
+    if template == "none":
+        segments = [templates.Segment(row["prompt"], False)]
+    else:
+        messages = tuple((m["role"], m["content"]) for m in row.get("messages", ()))
+        as_row = records.Row(source="prompt", instruction=row.get("instruction", ""),
+                             input=row.get("input") or "", messages=messages)  # fmt: skip
+        segments = templates.TEMPLATES[template](as_row)
+        while segments and segments[-1].trainable:  # the (empty) response to be generated
+            segments.pop()
+    return tokenize.encode(segments, tok).ids.tolist()
 
 
 def respond(
-    model: llama.Llama, tokenizer, rows: Sequence[dict], *, template: str = "alpaca", **kwargs
-) -> list[str]:
-    """Answer text per row ({"instruction", "input"?} for alpaca, {"prompt"} for template none).
-
-    `kwargs` go to `generate` (max_new_tokens, temperature, ...); EOS is the tokenizer's.
-    """
-    if template == "alpaca":
-        texts = [_alpaca_prompt(r["instruction"], r.get("input") or "") for r in rows]
-    elif template == "none":
-        texts = [r["prompt"] for r in rows]
-    else:
-        raise ValueError(f"template {template!r} not in ('alpaca', 'none')")
-    if tokenizer.eos_token_id is None:
-        raise ValueError("the tokenizer has no eos_token; generation could not stop")
-    # BOS by id, not by the tokenizer's post-processor, so every tokenizer gives [bos] + text
-    # (for Llama-2's tokenizer this equals tokenizer(text), checked on alpaca_en_demo).
-    bos = [] if tokenizer.bos_token_id is None else [tokenizer.bos_token_id]
-    prompts = [bos + tokenizer(t, add_special_tokens=False)["input_ids"] for t in texts]
-    new_ids = generate(model, prompts, eos_id=tokenizer.eos_token_id, **kwargs)
-    return [tokenizer.decode(ids, skip_special_tokens=True) for ids in new_ids]
+    model: llama.Llama, tok: tokenize.SegmentTokenizer, rows: Sequence[dict], *,
+    template: str = "alpaca", **kwargs,
+) -> list[str]:  # fmt: skip
+    """Answer text per row, prompted with the training template; `kwargs` go to `generate`."""
+    prompts = [prompt_ids(row, template, tok) for row in rows]
+    new_ids = generate(model, prompts, eos_id=tok.eos_id, **kwargs)
+    return [tok.hf.decode(ids, skip_special_tokens=True) for ids in new_ids]
 
 
 def _read_rows(path: pathlib.Path, text_key: str) -> list[dict]:
@@ -216,19 +216,22 @@ def _read_rows(path: pathlib.Path, text_key: str) -> list[dict]:
             row = json.loads(line)
         except json.JSONDecodeError as error:
             raise ValueError(f"{path}:{number}: not JSON ({error})") from None
-        if not isinstance(row, dict) or not isinstance(row.get(text_key), str):
+        kind = list if text_key == "messages" else str
+        if not isinstance(row, dict) or not isinstance(row.get(text_key), kind):
             raise ValueError(f"{path}:{number}: expected an object with a string {text_key!r}")
         rows.append(row)
     return rows
 
 
 FLAGS = flags.FLAGS
-flags.DEFINE_string("checkpoint", None, "Hugging Face Llama directory (weights + tokenizer).")
+flags.DEFINE_string("checkpoint", None, "A Hugging Face Llama directory (weights + tokenizer), "
+                    "or a training workdir (its best checkpoint).")
 flags.DEFINE_string("prompt", None, "One instruction to answer; the answer is printed.")
 flags.DEFINE_string("prompt_input", "", "Optional alpaca 'input' field for --prompt.")
 flags.DEFINE_string("input", None, "JSONL rows: 'instruction' (+ 'input'), or 'prompt' if raw.")
 flags.DEFINE_string("output", None, "JSONL to write: each --input row plus 'generated'.")
-flags.DEFINE_enum("template", "alpaca", ["alpaca", "none"], "none: --prompt is raw text.")
+flags.DEFINE_enum("template", "alpaca", ["alpaca", "chat", "none"],
+                  "Training template; none: --prompt is raw text.")
 flags.DEFINE_integer("max_new_tokens", 256, "New tokens per answer at most.")
 flags.DEFINE_float("temperature", 0.0, "0 is greedy.")
 flags.DEFINE_integer("top_k", 0, "Sample among the k most likely tokens; 0 keeps all.")
@@ -238,23 +241,32 @@ flags.DEFINE_integer("batch_size", 8, "Rows decoded together with --input.")
 flags.DEFINE_string("dtype", "bfloat16", "Weights and compute dtype (float32 for exactness).")
 
 
+def _load(path: pathlib.Path, dtype: str) -> tuple[llama.Llama, pathlib.Path]:
+    """(model, tokenizer dir) from a HF directory or a training workdir (best checkpoint)."""
+    if (path / "checkpoints").is_dir():
+        from sftjax import loop  # the trainer's imports only when a workdir is given
+
+        return loop.load_best(path, dtype=dtype)
+    return hf_io.load_pretrained(path, dtype=dtype, param_dtype=dtype), path
+
+
 def main(argv: Sequence[str]) -> None:
     del argv
     if (FLAGS.prompt is None) == (FLAGS.input is None):
         raise app.UsageError("give exactly one of --prompt or --input")
     if FLAGS.input is not None and FLAGS.output is None:
         raise app.UsageError("--input needs --output")
-    import transformers  # only the CLI needs it; keeps `import sftjax.generate` light
-
-    model = hf_io.load_pretrained(FLAGS.checkpoint, dtype=FLAGS.dtype, param_dtype=FLAGS.dtype)
-    tokenizer = transformers.AutoTokenizer.from_pretrained(FLAGS.checkpoint)
+    model, tokenizer_dir = _load(pathlib.Path(FLAGS.checkpoint), FLAGS.dtype)
+    tokenizer = tokenize.load_tokenizer(str(tokenizer_dir))
     options = dict(
         template=FLAGS.template, max_new_tokens=FLAGS.max_new_tokens, seed=FLAGS.seed,
         temperature=FLAGS.temperature, top_k=FLAGS.top_k, top_p=FLAGS.top_p,
     )  # fmt: skip
-    text_key = "instruction" if FLAGS.template == "alpaca" else "prompt"
+    text_key = {"alpaca": "instruction", "chat": "messages", "none": "prompt"}[FLAGS.template]
     if FLAGS.prompt is not None:
         row = {text_key: FLAGS.prompt, "input": FLAGS.prompt_input}
+        if FLAGS.template == "chat":
+            row = {"messages": [{"role": "user", "content": FLAGS.prompt}]}
         print(respond(model, tokenizer, [row], **options)[0])
         return
     rows = _read_rows(pathlib.Path(FLAGS.input), text_key)

@@ -13,12 +13,13 @@ import signal
 import time
 
 import jax
+import jax.numpy as jnp
 import ml_collections
 import numpy as np
 import tqdm
 from flax import nnx
 
-from sftjax import checkpoint, config as config_lib, metrics, sharding, train
+from sftjax import checkpoint, config as config_lib, generate, metrics, sharding, train
 from sftjax.data import pipeline, tokenize
 from sftjax.model import hf_io, llama
 
@@ -65,6 +66,61 @@ def _numerics(cfg: llama.LlamaConfig) -> dict:
     return {k: getattr(cfg, k) for k in keys}
 
 
+def _abstract_train_state(cfg: llama.LlamaConfig, mesh, rules, tx):
+    """(graphdef, TrainState of ShapeDtypeStructs carrying their concrete shardings): no memory."""
+    graphdef, abstract_params = nnx.split(llama.abstract(cfg, mesh, rules))
+    param_shardings = nnx.to_pure_dict(sharding.state_shardings(abstract_params, mesh, rules))
+    abstract_params = jax.tree.map(
+        lambda a, s: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=s),
+        nnx.to_pure_dict(abstract_params), param_shardings,
+    )  # fmt: skip
+    shardings = train.state_shardings_for(param_shardings, abstract_params, tx)
+    shapes = jax.eval_shape(
+        lambda: train.TrainState(jnp.int32(0), abstract_params, tx.init(abstract_params),
+                                 jax.random.PRNGKey(0))  # fmt: skip
+    )
+    return graphdef, jax.tree.map(
+        lambda a, s: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=s), shapes, shardings
+    )
+
+
+def load_best(workdir: pathlib.Path, *, dtype: str | None = None) -> tuple[llama.Llama, pathlib.Path]:
+    """(best model, tokenizer dir) of a training workdir, from its Orbax checkpoints."""
+    ckpt = checkpoint.Checkpointer(pathlib.Path(workdir) / "checkpoints", max_to_keep=1,
+                                   async_save=False)  # fmt: skip
+    step = ckpt.best_step()
+    step = ckpt.latest_step() if step is None else step
+    if step is None:
+        raise FileNotFoundError(f"{workdir}/checkpoints holds no complete checkpoint")
+    config = ml_collections.ConfigDict(ckpt.restore_meta(step)["config"])
+    if dtype:
+        config.model.dtype = dtype
+    cfg = config_lib.model_config(config.model)
+    mesh = sharding.make_mesh(config.mesh.data, config.mesh.fsdp, config.mesh.tensor)
+    rules = tuple(tuple(r) for r in config.mesh.rules) or sharding.DEFAULT_RULES
+    tx, _ = train.make_optimizer(config.optim, 1)
+    graphdef, abstract_state = _abstract_train_state(cfg, mesh, rules, tx)
+    state, _, _ = ckpt.restore(step, abstract_state)
+    ckpt.close()
+    return nnx.merge(graphdef, state.params), pathlib.Path(config.data.tokenizer)
+
+
+def _answer_eval_prompts(config, graphdef, params, tok, step, writer, progress) -> None:
+    """Greedy answers to config.eval.prompts, logged: behaviour, not only a loss, over time."""
+    if config.data.template == "chat":
+        rows = [{"messages": [{"role": "user", "content": p}]} for p in config.eval.prompts]
+    else:
+        rows = [{"instruction": p} for p in config.eval.prompts]
+    answers = generate.respond(nnx.merge(graphdef, params), tok, rows,
+                               template=config.data.template,
+                               max_new_tokens=config.eval.max_new_tokens)  # fmt: skip
+    samples = {f"prompt_{i}": f"{p!r} -> {a!r}"
+               for i, (p, a) in enumerate(zip(config.eval.prompts, answers, strict=True))}  # fmt: skip
+    writer.write(step, "samples", samples)
+    for line in samples.values():
+        progress.write(f"  {line}")
+
+
 def fit(config: ml_collections.ConfigDict, workdir: str | pathlib.Path) -> FitResult:
     """Train per `config`, resuming from `workdir` if it holds a checkpoint."""
     workdir = pathlib.Path(workdir)
@@ -102,13 +158,8 @@ def fit(config: ml_collections.ConfigDict, workdir: str | pathlib.Path) -> FitRe
                                      "raise data.validation_fraction")  # fmt: skip
 
     tx, schedule = train.make_optimizer(config.optim, total_steps)
-    graphdef, abstract_params = nnx.split(llama.abstract(cfg, mesh, rules))
-    param_shardings = nnx.to_pure_dict(sharding.state_shardings(abstract_params, mesh, rules))
-    abstract_params = jax.tree.map(
-        lambda a, s: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=s),
-        nnx.to_pure_dict(abstract_params), param_shardings,
-    )  # fmt: skip
-    state_shardings = train.state_shardings_for(param_shardings, abstract_params, tx)
+    graphdef, abstract_state = _abstract_train_state(cfg, mesh, rules, tx)
+    state_shardings = jax.tree.map(lambda a: a.sharding, abstract_state)
     batch_sharding = sharding.batch_sharding(mesh, rules)
     step_fn, eval_fn = train.jit_steps(
         graphdef, tx, schedule, config.train.microbatches, state_shardings, batch_sharding
@@ -125,13 +176,6 @@ def fit(config: ml_collections.ConfigDict, workdir: str | pathlib.Path) -> FitRe
         params = nnx.to_pure_dict(nnx.state(_build_model(config, cfg, mesh, rules)))
         state = train.init_state(params, tx, state_shardings, config.train.seed)
     else:
-        abstract_state = jax.eval_shape(lambda: train.TrainState(
-            step=0, params=abstract_params, opt_state=tx.init(abstract_params), rng=jax.random.PRNGKey(0)
-        ))
-        abstract_state = jax.tree.map(
-            lambda a, s: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=s),
-            abstract_state, state_shardings,
-        )
         state, data_iter, meta = ckpt.restore(start_step, abstract_state, data_iter)
         early = train.EarlyStopping(**meta["early_stopping"])
         log.info("resumed from step %d (%s)", start_step, workdir / "checkpoints")
@@ -196,6 +240,9 @@ def fit(config: ml_collections.ConfigDict, workdir: str | pathlib.Path) -> FitRe
                         f"step {step}: validation loss {val_loss:.4f} "
                         f"(best {early.best_loss:.4f} at step {early.best_step})"
                     )
+                    if config.eval.prompts:
+                        _answer_eval_prompts(config, graphdef, state.params, tok, step, writer,
+                                             progress)  # fmt: skip
                 if at_eval or preemption.requested:
                     ckpt.save(step, state, data_iter, meta(), val_loss)
                     window_start, window_steps = time.perf_counter(), 0
@@ -224,11 +271,8 @@ def fit(config: ml_collections.ConfigDict, workdir: str | pathlib.Path) -> FitRe
     }[stop_reason]  # fmt: skip
     log.info("stopped at step %d (%s); best validation loss %.4f at step %s",
              step, why, early.best_loss, best_step)  # fmt: skip
-    abstract_best = jax.tree.map(
-        lambda a, s: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=s),
-        jax.eval_shape(lambda: state), state_shardings,
-    )
-    best_state, _, _ = ckpt.restore(best_step, abstract_best)
+    del state  # free the live state before the best one is read back
+    best_state, _, _ = ckpt.restore(best_step, abstract_state)
     best_model = nnx.merge(graphdef, best_state.params)
     export_dir = None
     if config.checkpoint.export_hf:

@@ -18,6 +18,7 @@ from hf_fixtures import make_hf_llama, our_logits
 
 import sftjax
 from sftjax import generate, sharding
+from sftjax.data import records, templates, tokenize
 from sftjax.model import hf_io, llama
 
 NEVER = -1  # an eos id no sampler returns, so rows run all max_new_tokens
@@ -160,16 +161,20 @@ def test_cli_prints_an_answer_and_writes_one_line_per_row(hf_dir, tmp_path):
     import transformers
 
     model = hf_io.load_pretrained(hf_dir, dtype="float32")
-    tokenizer = transformers.AutoTokenizer.from_pretrained(hf_dir)
+    tokenizer = tokenize.load_tokenizer(str(hf_dir))
     rows = [
         {"instruction": "name a color", "input": ""},
         {"instruction": "why is the sky blue", "input": "the sky", "output": "reference kept"},
         {"instruction": "name a red color"},
     ]
     expected = generate.respond(model, tokenizer, rows, max_new_tokens=8)
-    assert generate._alpaca_prompt("why", "sky") == (
-        "### Instruction:\nwhy\n\n### Input:\nsky\n\n### Response:\n"
-    )
+    # The prompt is the training encoding of the row minus its response and EOS.
+    row = records.Row(source="t", instruction="why", input="sky", response="blue")
+    trained = tokenize.encode(templates.alpaca(row), tokenizer).ids.tolist()
+    prompt = generate.prompt_ids({"instruction": "why", "input": "sky"}, "alpaca", tokenizer)
+    assert trained[: len(prompt)] == prompt and trained[len(prompt) :] == [
+        tokenizer.hf.convert_tokens_to_ids("blue"), tokenizer.eos_id
+    ]
 
     # The real entry point, in a fresh process on one CPU device.
     root = pathlib.Path(sftjax.__file__).resolve().parents[1]

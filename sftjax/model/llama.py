@@ -80,6 +80,8 @@ PRESETS = {
                        num_kv_heads=8),
     "tiny": dict(vocab_size=512, embed_dim=64, mlp_dim=172, num_layers=2, num_heads=8,
                  num_kv_heads=4, max_seq_len=512),
+    "demo": dict(vocab_size=512, embed_dim=128, mlp_dim=384, num_layers=3, num_heads=4,
+                 num_kv_heads=4, max_seq_len=512),
 }  # fmt: skip
 
 
