@@ -11,7 +11,9 @@ import pathlib
 
 
 def get_config():
-    spec = importlib.util.spec_from_file_location("base", pathlib.Path(__file__).with_name("base.py"))
+    spec = importlib.util.spec_from_file_location(
+        "base", pathlib.Path(__file__).with_name("base.py")
+    )
     base = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(base)
     c = base.get_config()
@@ -31,9 +33,11 @@ def get_config():
     c.eval.batch_size = 16  # rows per validation step
     c.eval.patience = 4  # evaluations without improvement before stopping
     c.eval.min_delta = 0.002  # ignore improvements smaller than this
-    c.eval.prompts = ("Reverse the order of these words: river cloud stone",
-                      "What is the capital of Japan?", "Sort these numbers from smallest to "
-                      "largest: 42, 7, 19")  # answered at every evaluation  # fmt: skip
+    c.eval.prompts = (
+        "Reverse the order of these words: river cloud stone",
+        "What is the capital of Japan?",
+        "Sort these numbers from smallest to largest: 42, 7, 19",
+    )  # answered at every evaluation
     c.eval.max_new_tokens = 24  # toy answers are short
     c.checkpoint.export_dtype = "float32"  # keep the tiny export exact
     return c

@@ -20,13 +20,17 @@ class Checkpointer:
     """Latest-N + best-by-validation-loss checkpoints under `directory`."""
 
     def __init__(self, directory: pathlib.Path, *, max_to_keep: int, async_save: bool = True):
-        keep = checkpoint_managers.AnyPreservationPolicy([
-            checkpoint_managers.LatestN(n=max_to_keep),
-            checkpoint_managers.BestN(
-                get_metric_fn=lambda metrics: metrics[VAL_LOSS], reverse=True, n=1,
-                keep_checkpoints_without_metrics=False,
-            ),
-        ])  # fmt: skip
+        keep = checkpoint_managers.AnyPreservationPolicy(
+            [
+                checkpoint_managers.LatestN(n=max_to_keep),
+                checkpoint_managers.BestN(
+                    get_metric_fn=lambda metrics: metrics[VAL_LOSS],
+                    reverse=True,
+                    n=1,
+                    keep_checkpoints_without_metrics=False,
+                ),
+            ]
+        )
         options = ocp.CheckpointManagerOptions(
             preservation_policy=keep,
             best_fn=lambda metrics: metrics[VAL_LOSS],  # only so best_step() works
@@ -43,9 +47,10 @@ class Checkpointer:
     def best_step(self) -> int | None:
         """The step with the lowest validation loss among kept checkpoints (None: no eval yet)."""
         steps_with_loss = [
-            s for s in self._manager.all_steps()
+            s
+            for s in self._manager.all_steps()
             if (self._manager.metrics(s) or {}).get(VAL_LOSS) is not None
-        ]  # fmt: skip
+        ]
         if not steps_with_loss:
             return None
         return min(steps_with_loss, key=lambda s: self._manager.metrics(s)[VAL_LOSS])

@@ -31,9 +31,12 @@ class ConfigError(ValueError):
 def model_config(model: ml_collections.ConfigDict) -> llama.LlamaConfig:
     """LlamaConfig from the HF directory's config.json, or from the named preset."""
     numerics = dict(
-        param_dtype=model.param_dtype, dtype=model.dtype, scan_layers=model.scan_layers,
-        remat=model.remat, attention=model.attention,
-    )  # fmt: skip
+        param_dtype=model.param_dtype,
+        dtype=model.dtype,
+        scan_layers=model.scan_layers,
+        remat=model.remat,
+        attention=model.attention,
+    )
     if model.hf_path:
         return hf_io.read_config(model.hf_path, **numerics)
     vocab = {"vocab_size": model.vocab_size} if model.vocab_size else {}
@@ -82,7 +85,9 @@ def validate(config: ml_collections.ConfigDict, num_devices: int, num_processes:
         if key == "data.train_files" and not spec:
             missing = ["(empty)"]
         if missing:
-            errors.append(f"config.{key}: no file matches {missing}; give existing JSON/JSONL paths")
+            errors.append(
+                f"config.{key}: no file matches {missing}; give existing JSON/JSONL paths"
+            )
     if not pathlib.Path(config.data.tokenizer or "/nonexistent").is_dir():
         errors.append(
             f"config.data.tokenizer={config.data.tokenizer!r}: not a directory; give a local "

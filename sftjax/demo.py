@@ -20,9 +20,10 @@ from sftjax import demo_data, generate, loop
 from sftjax.data import tokenize
 
 _CONFIG = config_flags.DEFINE_config_file(
-    "config", str(pathlib.Path(__file__).resolve().parents[1] / "configs/tiny.py"),
+    "config",
+    str(pathlib.Path(__file__).resolve().parents[1] / "configs/tiny.py"),
     "Demo config; data paths are replaced by the files this run writes.",
-)  # fmt: skip
+)
 _WORKDIR = flags.DEFINE_string("workdir", None, "Fresh directory for data, checkpoints, export.")
 _TRAIN_ROWS = flags.DEFINE_integer("train_rows", 1800, "Synthetic training instructions.")
 _VALIDATION_ROWS = flags.DEFINE_integer("validation_rows", 200, "Validation instructions.")
@@ -30,11 +31,19 @@ _TEST_PER_TASK = flags.DEFINE_integer("test_per_task", 20, "Held-out test items 
 _DATA_SEED = flags.DEFINE_integer("data_seed", 0, "Seed of the synthetic data.")
 
 
-def prepare(workdir: pathlib.Path, config, *, train_rows: int, validation_rows: int,
-            test_per_task: int, seed: int) -> list[dict]:  # fmt: skip
+def prepare(
+    workdir: pathlib.Path,
+    config,
+    *,
+    train_rows: int,
+    validation_rows: int,
+    test_per_task: int,
+    seed: int,
+) -> list[dict]:
     """Write data + tokenizer under workdir, point `config` at them; return the test rows."""
-    train, validation, test = demo_data.make_splits(seed, train_rows, validation_rows,
-                                                    test_per_task)  # fmt: skip
+    train, validation, test = demo_data.make_splits(
+        seed, train_rows, validation_rows, test_per_task
+    )
     data = workdir / "data"
     config.data.train_files = str(demo_data.write_jsonl(train, data / "train.jsonl"))
     config.data.validation_files = str(demo_data.write_jsonl(validation, data / "validation.jsonl"))
@@ -72,19 +81,35 @@ def main(argv) -> None:
     if workdir.exists() and any(workdir.iterdir()):
         sys.exit(f"error: {workdir} is not empty; the demo starts fresh in a new directory")
     config = _CONFIG.value
-    test = prepare(workdir, config, train_rows=_TRAIN_ROWS.value,
-                   validation_rows=_VALIDATION_ROWS.value, test_per_task=_TEST_PER_TASK.value,
-                   seed=_DATA_SEED.value)  # fmt: skip
+    test = prepare(
+        workdir,
+        config,
+        train_rows=_TRAIN_ROWS.value,
+        validation_rows=_VALIDATION_ROWS.value,
+        test_per_task=_TEST_PER_TASK.value,
+        seed=_DATA_SEED.value,
+    )
 
     result = loop.fit(config, workdir)
     accuracy, pairs = score(result.model, tokenize.load_tokenizer(config.data.tokenizer), test)
-    (workdir / "demo_results.json").write_text(json.dumps(
-        {"stop_reason": result.stop_reason, "last_step": result.last_step,
-         "best_step": result.best_step, "best_val_loss": result.best_val_loss,
-         "accuracy": accuracy, "seconds": time.perf_counter() - start}, indent=2))  # fmt: skip
+    (workdir / "demo_results.json").write_text(
+        json.dumps(
+            {
+                "stop_reason": result.stop_reason,
+                "last_step": result.last_step,
+                "best_step": result.best_step,
+                "best_val_loss": result.best_val_loss,
+                "accuracy": accuracy,
+                "seconds": time.perf_counter() - start,
+            },
+            indent=2,
+        )
+    )
 
-    print(f"\n{result.stop_reason} at step {result.last_step}; best validation loss "
-          f"{result.best_val_loss:.4f} at step {result.best_step} (restored)")  # fmt: skip
+    print(
+        f"\n{result.stop_reason} at step {result.last_step}; best validation loss "
+        f"{result.best_val_loss:.4f} at step {result.best_step} (restored)"
+    )
     print(f"held-out exact match ({len(test)} unseen instructions, greedy):")
     for task, value in sorted(accuracy.items(), key=lambda kv: kv[0] == "overall"):
         print(f"  {task:<13} {value:6.1%}")
@@ -92,8 +117,10 @@ def main(argv) -> None:
     for row, answer in pairs[:: max(1, len(pairs) // 5)][:5]:
         mark = "ok " if answer.strip() == row["response"] else "bad"
         print(f"  [{mark}] {row['instruction']!r} -> {answer!r} (expected {row['response']!r})")
-    print(f"workdir: {workdir} (HF export: {result.export_dir}); "
-          f"{time.perf_counter() - start:.0f} s in all")  # fmt: skip
+    print(
+        f"workdir: {workdir} (HF export: {result.export_dir}); "
+        f"{time.perf_counter() - start:.0f} s in all"
+    )
 
 
 if __name__ == "__main__":

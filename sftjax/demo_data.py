@@ -19,40 +19,98 @@ WORDS = (
     "dragon castle violet copper meadow thunder ocean planet bridge engine feather"
 ).split()
 ANTONYMS = {
-    "hot": "cold", "big": "small", "fast": "slow", "happy": "sad", "light": "dark",
-    "early": "late", "open": "closed", "rich": "poor", "strong": "weak", "high": "low",
-    "full": "empty", "young": "old", "hard": "soft", "wet": "dry", "loud": "quiet",
-    "long": "short", "clean": "dirty", "thick": "thin", "near": "far", "first": "last",
-}  # fmt: skip
+    "hot": "cold",
+    "big": "small",
+    "fast": "slow",
+    "happy": "sad",
+    "light": "dark",
+    "early": "late",
+    "open": "closed",
+    "rich": "poor",
+    "strong": "weak",
+    "high": "low",
+    "full": "empty",
+    "young": "old",
+    "hard": "soft",
+    "wet": "dry",
+    "loud": "quiet",
+    "long": "short",
+    "clean": "dirty",
+    "thick": "thin",
+    "near": "far",
+    "first": "last",
+}
 CAPITALS = {
-    "France": "Paris", "Japan": "Tokyo", "Italy": "Rome", "Spain": "Madrid", "Egypt": "Cairo",
-    "Kenya": "Nairobi", "Peru": "Lima", "Canada": "Ottawa", "Norway": "Oslo", "Greece": "Athens",
-    "Cuba": "Havana", "Chile": "Santiago", "Poland": "Warsaw", "Ireland": "Dublin",
-    "Austria": "Vienna", "Portugal": "Lisbon", "Sweden": "Stockholm", "Finland": "Helsinki",
-    "Thailand": "Bangkok", "Germany": "Berlin",
-}  # fmt: skip
+    "France": "Paris",
+    "Japan": "Tokyo",
+    "Italy": "Rome",
+    "Spain": "Madrid",
+    "Egypt": "Cairo",
+    "Kenya": "Nairobi",
+    "Peru": "Lima",
+    "Canada": "Ottawa",
+    "Norway": "Oslo",
+    "Greece": "Athens",
+    "Cuba": "Havana",
+    "Chile": "Santiago",
+    "Poland": "Warsaw",
+    "Ireland": "Dublin",
+    "Austria": "Vienna",
+    "Portugal": "Lisbon",
+    "Sweden": "Stockholm",
+    "Finland": "Helsinki",
+    "Thailand": "Bangkok",
+    "Germany": "Berlin",
+}
 
 PHRASINGS = {
-    "reverse": ("Reverse the order of these words: {x}", "Write these words backwards: {x}",
-                "Put the words in reverse order: {x}"),
+    "reverse": (
+        "Reverse the order of these words: {x}",
+        "Write these words backwards: {x}",
+        "Put the words in reverse order: {x}",
+    ),
     "add": ("What is {a} plus {b}?", "Add {a} and {b}.", "Compute the sum of {a} and {b}."),
-    "sort": ("Sort these numbers from smallest to largest: {x}", "Order ascending: {x}",
-             "Arrange in increasing order: {x}"),
-    "uppercase": ("Write this in capital letters: {x}", "Convert to uppercase: {x}",
-                  "Make these words uppercase: {x}"),
-    "count": ("How many letters are in the word {x}?", "Count the letters of {x}.",
-              "What is the length of the word {x}?"),
-    "antonym": ("What is the opposite of {x}?", "Give an antonym of {x}.",
-                "Name the opposite of the word {x}."),
-    "capital": ("What is the capital of {x}?", "Name the capital city of {x}.",
-                "Which city is the capital of {x}?"),
-    "first_letter": ("What is the first letter of {x}?", "Which letter does {x} start with?",
-                     "Give the initial letter of {x}."),
-    "repeat": ("Repeat the word {w} {n} times.", "Say {w} {n} times.",
-               "Write the word {w} exactly {n} times."),
-    "largest": ("Which number is the largest: {x}?", "Find the maximum of {x}.",
-                "What is the biggest number among {x}?"),
-}  # fmt: skip
+    "sort": (
+        "Sort these numbers from smallest to largest: {x}",
+        "Order ascending: {x}",
+        "Arrange in increasing order: {x}",
+    ),
+    "uppercase": (
+        "Write this in capital letters: {x}",
+        "Convert to uppercase: {x}",
+        "Make these words uppercase: {x}",
+    ),
+    "count": (
+        "How many letters are in the word {x}?",
+        "Count the letters of {x}.",
+        "What is the length of the word {x}?",
+    ),
+    "antonym": (
+        "What is the opposite of {x}?",
+        "Give an antonym of {x}.",
+        "Name the opposite of the word {x}.",
+    ),
+    "capital": (
+        "What is the capital of {x}?",
+        "Name the capital city of {x}.",
+        "Which city is the capital of {x}?",
+    ),
+    "first_letter": (
+        "What is the first letter of {x}?",
+        "Which letter does {x} start with?",
+        "Give the initial letter of {x}.",
+    ),
+    "repeat": (
+        "Repeat the word {w} {n} times.",
+        "Say {w} {n} times.",
+        "Write the word {w} exactly {n} times.",
+    ),
+    "largest": (
+        "Which number is the largest: {x}?",
+        "Find the maximum of {x}.",
+        "What is the biggest number among {x}?",
+    ),
+}
 TASKS = tuple(PHRASINGS)
 
 
@@ -125,17 +183,21 @@ def train_tokenizer(texts: list[str], out_dir: pathlib.Path, vocab_size: int = 5
     """Train and save a HF tokenizer directory; returns its vocabulary size."""
     pieces = tokenizers.pre_tokenizers
     tok = tokenizers.Tokenizer(tokenizers.models.BPE())
-    tok.pre_tokenizer = pieces.Sequence([
-        pieces.Split(tokenizers.Regex(r"\s"), behavior="isolated"),
-        pieces.Digits(individual_digits=True),
-        pieces.Punctuation(),
-        pieces.ByteLevel(add_prefix_space=False, use_regex=False),
-    ])  # fmt: skip
+    tok.pre_tokenizer = pieces.Sequence(
+        [
+            pieces.Split(tokenizers.Regex(r"\s"), behavior="isolated"),
+            pieces.Digits(individual_digits=True),
+            pieces.Punctuation(),
+            pieces.ByteLevel(add_prefix_space=False, use_regex=False),
+        ]
+    )
     tok.decoder = tokenizers.decoders.ByteLevel()
     trainer = tokenizers.trainers.BpeTrainer(
-        vocab_size=vocab_size, special_tokens=["<pad>", "<s>", "</s>"],
-        initial_alphabet=pieces.ByteLevel.alphabet(), show_progress=False,
-    )  # fmt: skip
+        vocab_size=vocab_size,
+        special_tokens=["<pad>", "<s>", "</s>"],
+        initial_alphabet=pieces.ByteLevel.alphabet(),
+        show_progress=False,
+    )
     tok.train_from_iterator(texts, trainer)
     hf = transformers.PreTrainedTokenizerFast(
         tokenizer_object=tok, bos_token="<s>", eos_token="</s>", pad_token="<pad>"

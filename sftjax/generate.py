@@ -168,9 +168,16 @@ def generate(
     sampling = Sampling(float(temperature), int(top_k), float(top_p))
     with jax.set_mesh(mesh):
         out = _generate_ids(
-            graphdef, state, tokens, positions, segment_ids, jnp.int32(eos_id),
-            jax.random.key(seed), max_new_tokens=max_new_tokens, sampling=sampling,
-        )  # fmt: skip
+            graphdef,
+            state,
+            tokens,
+            positions,
+            segment_ids,
+            jnp.int32(eos_id),
+            jax.random.key(seed),
+            max_new_tokens=max_new_tokens,
+            sampling=sampling,
+        )
     answers = []
     for row in np.asarray(jax.device_get(out))[: len(prompts)].tolist():
         ids = [t for t in row if t != -1]
@@ -188,8 +195,12 @@ def prompt_ids(row: dict, template: str, tok: tokenize.SegmentTokenizer) -> list
         segments = [templates.Segment(row["prompt"], False)]
     else:
         messages = tuple((m["role"], m["content"]) for m in row.get("messages", ()))
-        as_row = records.Row(source="prompt", instruction=row.get("instruction", ""),
-                             input=row.get("input") or "", messages=messages)  # fmt: skip
+        as_row = records.Row(
+            source="prompt",
+            instruction=row.get("instruction", ""),
+            input=row.get("input") or "",
+            messages=messages,
+        )
         segments = templates.TEMPLATES[template](as_row)
         while segments and segments[-1].trainable:  # the (empty) response to be generated
             segments.pop()
@@ -197,9 +208,13 @@ def prompt_ids(row: dict, template: str, tok: tokenize.SegmentTokenizer) -> list
 
 
 def respond(
-    model: llama.Llama, tok: tokenize.SegmentTokenizer, rows: Sequence[dict], *,
-    template: str = "alpaca", **kwargs,
-) -> list[str]:  # fmt: skip
+    model: llama.Llama,
+    tok: tokenize.SegmentTokenizer,
+    rows: Sequence[dict],
+    *,
+    template: str = "alpaca",
+    **kwargs,
+) -> list[str]:
     """Answer text per row, prompted with the training template; `kwargs` go to `generate`."""
     prompts = [prompt_ids(row, template, tok) for row in rows]
     new_ids = generate(model, prompts, eos_id=tok.eos_id, **kwargs)
@@ -224,14 +239,22 @@ def _read_rows(path: pathlib.Path, text_key: str) -> list[dict]:
 
 
 FLAGS = flags.FLAGS
-flags.DEFINE_string("checkpoint", None, "A Hugging Face Llama directory (weights + tokenizer), "
-                    "or a training workdir (its best checkpoint).")
+flags.DEFINE_string(
+    "checkpoint",
+    None,
+    "A Hugging Face Llama directory (weights + tokenizer), "
+    "or a training workdir (its best checkpoint).",
+)
 flags.DEFINE_string("prompt", None, "One instruction to answer; the answer is printed.")
 flags.DEFINE_string("prompt_input", "", "Optional alpaca 'input' field for --prompt.")
 flags.DEFINE_string("input", None, "JSONL rows: 'instruction' (+ 'input'), or 'prompt' if raw.")
 flags.DEFINE_string("output", None, "JSONL to write: each --input row plus 'generated'.")
-flags.DEFINE_enum("template", "alpaca", ["alpaca", "chat", "none"],
-                  "Training template; none: --prompt is raw text.")
+flags.DEFINE_enum(
+    "template",
+    "alpaca",
+    ["alpaca", "chat", "none"],
+    "Training template; none: --prompt is raw text.",
+)
 flags.DEFINE_integer("max_new_tokens", 256, "New tokens per answer at most.")
 flags.DEFINE_float("temperature", 0.0, "0 is greedy.")
 flags.DEFINE_integer("top_k", 0, "Sample among the k most likely tokens; 0 keeps all.")
@@ -259,9 +282,13 @@ def main(argv: Sequence[str]) -> None:
     model, tokenizer_dir = _load(pathlib.Path(FLAGS.checkpoint), FLAGS.dtype)
     tokenizer = tokenize.load_tokenizer(str(tokenizer_dir))
     options = dict(
-        template=FLAGS.template, max_new_tokens=FLAGS.max_new_tokens, seed=FLAGS.seed,
-        temperature=FLAGS.temperature, top_k=FLAGS.top_k, top_p=FLAGS.top_p,
-    )  # fmt: skip
+        template=FLAGS.template,
+        max_new_tokens=FLAGS.max_new_tokens,
+        seed=FLAGS.seed,
+        temperature=FLAGS.temperature,
+        top_k=FLAGS.top_k,
+        top_p=FLAGS.top_p,
+    )
     text_key = {"alpaca": "instruction", "chat": "messages", "none": "prompt"}[FLAGS.template]
     if FLAGS.prompt is not None:
         row = {text_key: FLAGS.prompt, "input": FLAGS.prompt_input}

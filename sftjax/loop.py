@@ -15,11 +15,11 @@ import time
 import jax
 import jax.numpy as jnp
 import ml_collections
-import numpy as np
 import tqdm
 from flax import nnx
 
-from sftjax import checkpoint, config as config_lib, generate, metrics, sharding, train
+from sftjax import checkpoint, generate, metrics, sharding, train
+from sftjax import config as config_lib
 from sftjax.data import pipeline, tokenize
 from sftjax.model import hf_io, llama
 
@@ -56,8 +56,7 @@ class _Preemption:
 
 def _build_model(config, cfg: llama.LlamaConfig, mesh, rules) -> llama.Llama:
     if config.model.hf_path:
-        return hf_io.load_pretrained(config.model.hf_path, mesh=mesh, rules=rules,
-                                     **_numerics(cfg))  # fmt: skip
+        return hf_io.load_pretrained(config.model.hf_path, mesh=mesh, rules=rules, **_numerics(cfg))
     return llama.create(cfg, mesh, seed=config.train.seed, rules=rules)
 
 
@@ -72,22 +71,27 @@ def _abstract_train_state(cfg: llama.LlamaConfig, mesh, rules, tx):
     param_shardings = nnx.to_pure_dict(sharding.state_shardings(abstract_params, mesh, rules))
     abstract_params = jax.tree.map(
         lambda a, s: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=s),
-        nnx.to_pure_dict(abstract_params), param_shardings,
-    )  # fmt: skip
+        nnx.to_pure_dict(abstract_params),
+        param_shardings,
+    )
     shardings = train.state_shardings_for(param_shardings, abstract_params, tx)
     shapes = jax.eval_shape(
-        lambda: train.TrainState(jnp.int32(0), abstract_params, tx.init(abstract_params),
-                                 jax.random.PRNGKey(0))  # fmt: skip
+        lambda: train.TrainState(
+            jnp.int32(0), abstract_params, tx.init(abstract_params), jax.random.PRNGKey(0)
+        )
     )
     return graphdef, jax.tree.map(
         lambda a, s: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=s), shapes, shardings
     )
 
 
-def load_best(workdir: pathlib.Path, *, dtype: str | None = None) -> tuple[llama.Llama, pathlib.Path]:
+def load_best(
+    workdir: pathlib.Path, *, dtype: str | None = None
+) -> tuple[llama.Llama, pathlib.Path]:
     """(best model, tokenizer dir) of a training workdir, from its Orbax checkpoints."""
-    ckpt = checkpoint.Checkpointer(pathlib.Path(workdir) / "checkpoints", max_to_keep=1,
-                                   async_save=False)  # fmt: skip
+    ckpt = checkpoint.Checkpointer(
+        pathlib.Path(workdir) / "checkpoints", max_to_keep=1, async_save=False
+    )
     step = ckpt.best_step()
     step = ckpt.latest_step() if step is None else step
     if step is None:
@@ -111,11 +115,17 @@ def _answer_eval_prompts(config, graphdef, params, tok, step, writer, progress) 
         rows = [{"messages": [{"role": "user", "content": p}]} for p in config.eval.prompts]
     else:
         rows = [{"instruction": p} for p in config.eval.prompts]
-    answers = generate.respond(nnx.merge(graphdef, params), tok, rows,
-                               template=config.data.template,
-                               max_new_tokens=config.eval.max_new_tokens)  # fmt: skip
-    samples = {f"prompt_{i}": f"{p!r} -> {a!r}"
-               for i, (p, a) in enumerate(zip(config.eval.prompts, answers, strict=True))}  # fmt: skip
+    answers = generate.respond(
+        nnx.merge(graphdef, params),
+        tok,
+        rows,
+        template=config.data.template,
+        max_new_tokens=config.eval.max_new_tokens,
+    )
+    samples = {
+        f"prompt_{i}": f"{p!r} -> {a!r}"
+        for i, (p, a) in enumerate(zip(config.eval.prompts, answers, strict=True))
+    }
     writer.write(step, "samples", samples)
     for line in samples.values():
         progress.write(f"  {line}")
@@ -140,13 +150,18 @@ def fit(config: ml_collections.ConfigDict, workdir: str | pathlib.Path) -> FitRe
     train_examples, val_examples, report = pipeline.load_splits(config.data, tok)
     log.info("data:\n%s", report.summary())
     data_kwargs = dict(
-        seq_len=config.data.seq_len, process_index=jax.process_index(),
-        process_count=jax.process_count(), pack=config.data.pack, num_bins=config.data.packing_bins,
-    )  # fmt: skip
+        seq_len=config.data.seq_len,
+        process_index=jax.process_index(),
+        process_count=jax.process_count(),
+        pack=config.data.pack,
+        num_bins=config.data.packing_bins,
+    )
     train_kwargs = dict(
-        batch_size=config.train.batch_size, seed=config.data.shuffle_seed,
-        num_epochs=config.data.num_epochs, **data_kwargs,
-    )  # fmt: skip
+        batch_size=config.train.batch_size,
+        seed=config.data.shuffle_seed,
+        num_epochs=config.data.num_epochs,
+        **data_kwargs,
+    )
     steps_in_data = len(pipeline.train_dataset(train_examples, **train_kwargs))
     total_steps = min(steps_in_data, config.train.num_steps or steps_in_data)
     data_iter = pipeline.train_batches(train_examples, **train_kwargs)
@@ -154,8 +169,9 @@ def fit(config: ml_collections.ConfigDict, workdir: str | pathlib.Path) -> FitRe
         pipeline.validation_batches(val_examples, batch_size=config.eval.batch_size, **data_kwargs)
     )
     if not val_examples:
-        raise config_lib.ConfigError("no validation examples: give data.validation_files or "
-                                     "raise data.validation_fraction")  # fmt: skip
+        raise config_lib.ConfigError(
+            "no validation examples: give data.validation_files or raise data.validation_fraction"
+        )
 
     tx, schedule = train.make_optimizer(config.optim, total_steps)
     graphdef, abstract_state = _abstract_train_state(cfg, mesh, rules, tx)
@@ -166,9 +182,10 @@ def fit(config: ml_collections.ConfigDict, workdir: str | pathlib.Path) -> FitRe
     )
 
     ckpt = checkpoint.Checkpointer(
-        workdir / "checkpoints", max_to_keep=config.checkpoint.max_to_keep,
+        workdir / "checkpoints",
+        max_to_keep=config.checkpoint.max_to_keep,
         async_save=config.checkpoint.async_save,
-    )  # fmt: skip
+    )
     early = train.EarlyStopping(config.eval.patience, config.eval.min_delta)
     start_step = ckpt.latest_step()
     if start_step is None:
@@ -185,8 +202,9 @@ def fit(config: ml_collections.ConfigDict, workdir: str | pathlib.Path) -> FitRe
     peak = metrics.peak_flops_per_device(config.train.peak_tflops_per_device)
     tokens_per_step = config.train.batch_size * config.data.seq_len
     preemption = _Preemption()
-    progress = tqdm.tqdm(total=total_steps, initial=start_step, disable=not is_main,
-                         desc="train", dynamic_ncols=True)  # fmt: skip
+    progress = tqdm.tqdm(
+        total=total_steps, initial=start_step, disable=not is_main, desc="train", dynamic_ncols=True
+    )
 
     def meta() -> dict:
         return {"early_stopping": dataclasses.asdict(early), "config": config.to_dict()}
@@ -234,15 +252,19 @@ def fit(config: ml_collections.ConfigDict, workdir: str | pathlib.Path) -> FitRe
                     if not math.isfinite(val_loss):
                         raise TrainingDiverged(f"validation loss is {val_loss} at step {step}")
                     improved = early.update(step, val_loss)
-                    writer.write(step, "eval", {**result, "best_step": early.best_step,
-                                                "improved": int(improved)})  # fmt: skip
+                    writer.write(
+                        step,
+                        "eval",
+                        {**result, "best_step": early.best_step, "improved": int(improved)},
+                    )
                     progress.write(
                         f"step {step}: validation loss {val_loss:.4f} "
                         f"(best {early.best_loss:.4f} at step {early.best_step})"
                     )
                     if config.eval.prompts:
-                        _answer_eval_prompts(config, graphdef, state.params, tok, step, writer,
-                                             progress)  # fmt: skip
+                        _answer_eval_prompts(
+                            config, graphdef, state.params, tok, step, writer, progress
+                        )
                 if at_eval or preemption.requested:
                     ckpt.save(step, state, data_iter, meta(), val_loss)
                     window_start, window_steps = time.perf_counter(), 0
@@ -267,22 +289,34 @@ def fit(config: ml_collections.ConfigDict, workdir: str | pathlib.Path) -> FitRe
     why = {
         "completed": f"completed {total_steps} steps",
         "early_stopping": f"early stopping: {early.patience} evaluations without improving "
-                          f"by more than {early.min_delta}",
-    }[stop_reason]  # fmt: skip
-    log.info("stopped at step %d (%s); best validation loss %.4f at step %s",
-             step, why, early.best_loss, best_step)  # fmt: skip
+        f"by more than {early.min_delta}",
+    }[stop_reason]
+    log.info(
+        "stopped at step %d (%s); best validation loss %.4f at step %s",
+        step,
+        why,
+        early.best_loss,
+        best_step,
+    )
     del state  # free the live state before the best one is read back
     best_state, _, _ = ckpt.restore(best_step, abstract_state)
     best_model = nnx.merge(graphdef, best_state.params)
     export_dir = None
     if config.checkpoint.export_hf:
         export_dir = hf_io.save_pretrained(
-            best_model, workdir / "hf_export", tokenizer_dir=config.data.tokenizer,
-            dtype=config.checkpoint.export_dtype, bos_token_id=tok.bos_id or tok.eos_id,
-            eos_token_id=tok.eos_id, overwrite=True,
-        )  # fmt: skip
-    writer.write(step, "summary", {"stop_reason": stop_reason, "best_step": best_step,
-                                   "best_val_loss": early.best_loss})  # fmt: skip
+            best_model,
+            workdir / "hf_export",
+            tokenizer_dir=config.data.tokenizer,
+            dtype=config.checkpoint.export_dtype,
+            bos_token_id=tok.bos_id or tok.eos_id,
+            eos_token_id=tok.eos_id,
+            overwrite=True,
+        )
+    writer.write(
+        step,
+        "summary",
+        {"stop_reason": stop_reason, "best_step": best_step, "best_val_loss": early.best_loss},
+    )
     writer.close()
     if is_main:
         metrics.plot_losses(workdir / "metrics.jsonl", workdir / "loss.png", best_step)

@@ -13,15 +13,23 @@ import jax
 from absl import app, flags
 from ml_collections import config_flags
 
-from sftjax import config as config_lib, loop
+from sftjax import config as config_lib
+from sftjax import loop
 from sftjax.data import records
 
-_CONFIG = config_flags.DEFINE_config_file("config", None, "Config file (configs/*.py).",
-                                          lock_config=True)  # fmt: skip
-_WORKDIR = flags.DEFINE_string("workdir", None, "Checkpoints, metrics and the HF export go here; "
-                               "an existing checkpoint there is resumed.")  # fmt: skip
-_MULTIHOST = flags.DEFINE_bool("multihost", False, "Call jax.distributed.initialize() first "
-                               "(one process per host: TPU pods, SLURM).")  # fmt: skip
+_CONFIG = config_flags.DEFINE_config_file(
+    "config", None, "Config file (configs/*.py).", lock_config=True
+)
+_WORKDIR = flags.DEFINE_string(
+    "workdir",
+    None,
+    "Checkpoints, metrics and the HF export go here; an existing checkpoint there is resumed.",
+)
+_MULTIHOST = flags.DEFINE_bool(
+    "multihost",
+    False,
+    "Call jax.distributed.initialize() first (one process per host: TPU pods, SLURM).",
+)
 flags.mark_flags_as_required(["config", "workdir"])
 
 
@@ -39,8 +47,10 @@ def main(argv: list[str]) -> None:
     except loop.TrainingDiverged as e:
         print(f"error: {e}", file=sys.stderr)
         sys.exit(3)
-    print(f"{result.stop_reason} at step {result.last_step}; best step {result.best_step} "
-          f"(validation loss {result.best_val_loss:.4f}); export: {result.export_dir}")  # fmt: skip
+    print(
+        f"{result.stop_reason} at step {result.last_step}; best step {result.best_step} "
+        f"(validation loss {result.best_val_loss:.4f}); export: {result.export_dir}"
+    )
 
 
 if __name__ == "__main__":

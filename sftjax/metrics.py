@@ -73,7 +73,9 @@ class MetricsWriter:
         _drop_records_after(self.path, resume_step)
         from tensorboardX import SummaryWriter
 
-        self._tb = SummaryWriter(str(pathlib.Path(workdir) / "tensorboard"), purge_step=resume_step + 1)
+        self._tb = SummaryWriter(
+            str(pathlib.Path(workdir) / "tensorboard"), purge_step=resume_step + 1
+        )
 
     def write(self, step: int, split: str, values: dict) -> None:
         if not self.enabled:

@@ -39,7 +39,9 @@ def mesh_shape(axes: dict[str, int], num_devices: int) -> tuple[int, int, int]:
     """Resolve one -1 entry to the remaining devices; check the product."""
     sizes = [int(axes[a]) for a in MESH_AXES]
     if sizes.count(-1) > 1:
-        raise ValueError(f"mesh: at most one axis may be -1, got {dict(zip(MESH_AXES, sizes))}")
+        raise ValueError(
+            f"mesh: at most one axis may be -1, got {dict(zip(MESH_AXES, sizes, strict=True))}"
+        )
     known = math.prod(s for s in sizes if s != -1)
     if -1 in sizes:
         if num_devices % known:
@@ -47,7 +49,7 @@ def mesh_shape(axes: dict[str, int], num_devices: int) -> tuple[int, int, int]:
         sizes[sizes.index(-1)] = num_devices // known
     if math.prod(sizes) != num_devices:
         raise ValueError(
-            f"mesh {dict(zip(MESH_AXES, sizes))} uses {math.prod(sizes)} devices but "
+            f"mesh {dict(zip(MESH_AXES, sizes, strict=True))} uses {math.prod(sizes)} devices but "
             f"{num_devices} are present; set one axis to -1 to take the rest"
         )
     return tuple(sizes)

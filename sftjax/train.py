@@ -57,9 +57,13 @@ def make_optimizer(optim, total_steps: int) -> tuple[optax.GradientTransformatio
     """Global-norm clipping then AdamW on the warmup+cosine schedule."""
     schedule = lr_schedule(optim, total_steps)
     adamw = optax.adamw(
-        schedule, b1=optim.b1, b2=optim.b2, eps=optim.eps, weight_decay=optim.weight_decay,
+        schedule,
+        b1=optim.b1,
+        b2=optim.b2,
+        eps=optim.eps,
+        weight_decay=optim.weight_decay,
         mask=None if optim.decay_norms_and_embeddings else _decay_mask,
-    )  # fmt: skip
+    )
     if optim.grad_clip_norm > 0:
         return optax.chain(optax.clip_by_global_norm(optim.grad_clip_norm), adamw), schedule
     return adamw, schedule
@@ -153,9 +157,12 @@ def state_shardings_for(param_shardings: dict, abstract_params: dict, tx) -> Tra
     replicated = NamedSharding(any_sharding.mesh, PartitionSpec())
     abstract_opt = jax.eval_shape(tx.init, abstract_params)
     opt_shardings = optax.tree_map_params(
-        tx, lambda _, s: s, abstract_opt, param_shardings,
+        tx,
+        lambda _, s: s,
+        abstract_opt,
+        param_shardings,
         transform_non_params=lambda _: replicated,
-    )  # fmt: skip
+    )
     return TrainState(
         step=replicated, params=param_shardings, opt_state=opt_shardings, rng=replicated
     )
@@ -183,7 +190,9 @@ def global_batch(host_batch: dict, batch_sharding: NamedSharding) -> dict:
 def evaluate(evaluate_batch, params, host_batches, batch_sharding) -> dict:
     """Token-weighted loss over the whole validation set (sums in float64 on the host)."""
     sums = [evaluate_batch(params, global_batch(b, batch_sharding)) for b in host_batches]
-    loss_sum, tokens = (float(np.sum(np.asarray(x, np.float64))) for x in zip(*jax.device_get(sums)))
+    loss_sum, tokens = (
+        float(np.sum(np.asarray(x, np.float64))) for x in zip(*jax.device_get(sums), strict=True)
+    )
     if tokens == 0:
         raise ValueError("validation set has no loss tokens")
     return {"loss": loss_sum / tokens, "loss_tokens": int(tokens), "batches": len(host_batches)}

@@ -18,7 +18,9 @@ jax.config.update("jax_numpy_rank_promotion", "raise")
 
 # Real artifacts (tokenizer, Alpaca rows, a trained tiny Llama) live beside the checkout.
 SHARED_DATA = pathlib.Path(
-    os.environ.get("SFTJAX_SHARED_DATA", pathlib.Path(__file__).resolve().parents[2] / "shared/data")
+    os.environ.get(
+        "SFTJAX_SHARED_DATA", pathlib.Path(__file__).resolve().parents[2] / "shared/data"
+    )
 )
 
 

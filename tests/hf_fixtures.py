@@ -13,10 +13,17 @@ def make_hf_llama(directory: pathlib.Path, *, tie: bool = False, seed: int = 0, 
 
     torch.manual_seed(seed)
     fields = dict(
-        vocab_size=96, hidden_size=64, intermediate_size=96, num_hidden_layers=2,
-        num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=64,
-        rms_norm_eps=1e-5, rope_theta=5000.0, tie_word_embeddings=tie,
-    )  # fmt: skip
+        vocab_size=96,
+        hidden_size=64,
+        intermediate_size=96,
+        num_hidden_layers=2,
+        num_attention_heads=4,
+        num_key_value_heads=2,
+        max_position_embeddings=64,
+        rms_norm_eps=1e-5,
+        rope_theta=5000.0,
+        tie_word_embeddings=tie,
+    )
     fields.update(overrides)
     model = transformers.LlamaForCausalLM(transformers.LlamaConfig(**fields)).float().eval()
     with torch.no_grad():  # norms default to ones; randomise so a transposed norm would show
@@ -62,4 +69,6 @@ def _forward():
     """One jitted forward for all tests, so repeated calls reuse compilations."""
     from flax import nnx
 
-    return nnx.jit(lambda model, tokens, positions, segment_ids: model(tokens, positions, segment_ids))
+    return nnx.jit(
+        lambda model, tokens, positions, segment_ids: model(tokens, positions, segment_ids)
+    )

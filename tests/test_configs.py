@@ -37,18 +37,36 @@ from sftjax.model import llama
 pytestmark = pytest.mark.filterwarnings("ignore:the load_module:DeprecationWarning")
 
 NAMES = ("llama2_7b", "llama2_13b", "llama2_70b")
-PUBLISHED_PARAMS = {"llama2_7b": 6_738_415_616, "llama2_13b": 13_015_864_320,
-                    "llama2_70b": 68_976_648_192}  # fmt: skip
+PUBLISHED_PARAMS = {
+    "llama2_7b": 6_738_415_616,
+    "llama2_13b": 13_015_864_320,
+    "llama2_70b": 68_976_648_192,
+}
 # Hand-written Hugging Face config.json shapes (meta-llama/Llama-2-*-hf), so the HF → LlamaConfig
 # path is checked against numbers that don't come from our own presets.
 HF_SHAPES = {
-    "llama2_7b": dict(hidden_size=4096, intermediate_size=11008, num_hidden_layers=32,
-                      num_attention_heads=32, num_key_value_heads=32),
-    "llama2_13b": dict(hidden_size=5120, intermediate_size=13824, num_hidden_layers=40,
-                       num_attention_heads=40, num_key_value_heads=40),
-    "llama2_70b": dict(hidden_size=8192, intermediate_size=28672, num_hidden_layers=80,
-                       num_attention_heads=64, num_key_value_heads=8),
-}  # fmt: skip
+    "llama2_7b": dict(
+        hidden_size=4096,
+        intermediate_size=11008,
+        num_hidden_layers=32,
+        num_attention_heads=32,
+        num_key_value_heads=32,
+    ),
+    "llama2_13b": dict(
+        hidden_size=5120,
+        intermediate_size=13824,
+        num_hidden_layers=40,
+        num_attention_heads=40,
+        num_key_value_heads=40,
+    ),
+    "llama2_70b": dict(
+        hidden_size=8192,
+        intermediate_size=28672,
+        num_hidden_layers=80,
+        num_attention_heads=64,
+        num_key_value_heads=8,
+    ),
+}
 # Published Llama-2 SFT practice that each file must carry.
 RECIPE = {
     "llama2_7b": {"optim.lr": 2e-5, "model.remat": "save_dots"},
@@ -56,20 +74,30 @@ RECIPE = {
     "llama2_70b": {"optim.lr": 1e-5, "model.remat": "full"},
 }
 COMMON_RECIPE = {
-    "optim.warmup_ratio": 0.03, "optim.weight_decay": 0.0, "optim.end_lr_ratio": 0.0,
-    "data.seq_len": 2048, "data.num_epochs": 3, "train.batch_size": 64,
-    "model.param_dtype": "float32", "model.dtype": "bfloat16", "model.scan_layers": True,
-    "model.attention": "xla", "mesh.fsdp": -1, "eval.every_steps": 200, "eval.patience": 3,
+    "optim.warmup_ratio": 0.03,
+    "optim.weight_decay": 0.0,
+    "optim.end_lr_ratio": 0.0,
+    "data.seq_len": 2048,
+    "data.num_epochs": 3,
+    "train.batch_size": 64,
+    "model.param_dtype": "float32",
+    "model.dtype": "bfloat16",
+    "model.scan_layers": True,
+    "model.attention": "xla",
+    "mesh.fsdp": -1,
+    "eval.every_steps": 200,
+    "eval.patience": 3,
     "eval.min_delta": 0.0,
-}  # fmt: skip
+}
 
 
 def load_config(name: str, *overrides: str) -> ml_collections.ConfigDict:
     """The config as main.py builds it: DEFINE_config_file(lock_config=True) + --config.a.b=v."""
     argv = ["main", f"--config={ROOT / 'configs' / f'{name}.py'}", *overrides]
     flag_values = flags.FlagValues()
-    config_flags.DEFINE_config_file("config", None, "", flag_values=flag_values, lock_config=True,
-                                    sys_argv=argv)  # fmt: skip
+    config_flags.DEFINE_config_file(
+        "config", None, "", flag_values=flag_values, lock_config=True, sys_argv=argv
+    )
     flag_values(argv)
     return flag_values.config
 
@@ -101,8 +129,14 @@ def real_paths(tmp_path_factory) -> dict:
     for name, shape in HF_SHAPES.items():
         hf_dir = root / name
         hf_dir.mkdir()
-        hf = dict(shape, model_type="llama", vocab_size=32000, max_position_embeddings=4096,
-                  rms_norm_eps=1e-5, hidden_act="silu")  # fmt: skip
+        hf = dict(
+            shape,
+            model_type="llama",
+            vocab_size=32000,
+            max_position_embeddings=4096,
+            rms_norm_eps=1e-5,
+            hidden_act="silu",
+        )
         (hf_dir / "config.json").write_text(json.dumps(hf))
         paths[name] = (
             f"--config.model.hf_path={hf_dir}",
@@ -177,10 +211,12 @@ def test_7b_train_state_is_fsdp_sharded_with_expected_bytes_per_device():
     shardings = train.state_shardings_for(param_shardings, abstract_params, tx)
     state = jax.eval_shape(
         lambda: train.TrainState(
-            step=jnp.int32(0), params=abstract_params, opt_state=tx.init(abstract_params),
+            step=jnp.int32(0),
+            params=abstract_params,
+            opt_state=tx.init(abstract_params),
             rng=jax.random.PRNGKey(0),
         )
-    )  # fmt: skip
+    )
 
     assert jax.tree.structure(state) == jax.tree.structure(shardings)
     # Adam's moments live where their parameter lives.
@@ -203,9 +239,14 @@ def one_train_step(devices, process_index: int, process_count: int) -> dict:
     """One real step of a tiny Llama on a mesh over `devices`, fed this process's rows only."""
     mesh = sharding.make_mesh(devices=devices)
     dataset = pipeline.train_dataset(
-        random_examples(64, vocab=64), batch_size=8, seq_len=64, seed=0, num_epochs=1,
-        process_index=process_index, process_count=process_count,
-    )  # fmt: skip
+        random_examples(64, vocab=64),
+        batch_size=8,
+        seq_len=64,
+        seed=0,
+        num_epochs=1,
+        process_index=process_index,
+        process_count=process_count,
+    )
     host_batch = dataset[0]
     state, step_fn, _, batch_sharding = tiny_trainer(mesh)
     batch = train.global_batch(host_batch, batch_sharding)
@@ -252,19 +293,28 @@ def test_two_processes_train_step_equals_one_process(tmp_path):
     env["PYTHONPATH"] = os.pathsep.join([str(ROOT), str(ROOT / "tests"), env.get("PYTHONPATH", "")])
     # What srun sets for `--nodes=2 --ntasks-per-node=1` (both "nodes" are this machine), plus
     # the two variables launch/slurm.sbatch exports. JAX's SLURM detection reads these.
-    env.update(SLURM_JOB_ID="4242", SLURM_STEP_NODELIST="localhost", SLURM_NTASKS="2",
-               SLURM_LOCALID="0", JAX_COORDINATOR_PORT=str(free_port()),
-               JAX_LOCAL_DEVICE_IDS="0,1")  # fmt: skip
+    env.update(
+        SLURM_JOB_ID="4242",
+        SLURM_STEP_NODELIST="localhost",
+        SLURM_NTASKS="2",
+        SLURM_LOCALID="0",
+        JAX_COORDINATOR_PORT=str(free_port()),
+        JAX_LOCAL_DEVICE_IDS="0,1",
+    )
     logs = [tmp_path / f"worker{pid}.log" for pid in range(2)]
     workers = []
     deadline = time.monotonic() + 60  # a hang (e.g. in jax.distributed) must not block CI
     try:
         for pid, log in enumerate(logs):
             with log.open("w") as out:
-                workers.append(subprocess.Popen(
-                    [sys.executable, str(script), str(tmp_path / f"out{pid}.json")],
-                    env={**env, "SLURM_PROCID": str(pid)}, stdout=out, stderr=subprocess.STDOUT,
-                ))  # fmt: skip
+                workers.append(
+                    subprocess.Popen(
+                        [sys.executable, str(script), str(tmp_path / f"out{pid}.json")],
+                        env={**env, "SLURM_PROCID": str(pid)},
+                        stdout=out,
+                        stderr=subprocess.STDOUT,
+                    )
+                )
         # The same global batch on 4 of this process's 8 devices, while the workers run.
         single = one_train_step(jax.devices()[:4], 0, 1)
         for worker in workers:
@@ -293,22 +343,34 @@ def test_two_processes_train_step_equals_one_process(tmp_path):
 def run_launcher(script: str, *args: str, **env: str) -> subprocess.CompletedProcess:
     """Run a launch script in DRY_RUN mode (it prints its command instead of running it)."""
     return subprocess.run(
-        ["bash", script, *args], cwd=ROOT, capture_output=True, text=True, timeout=30,
+        ["bash", script, *args],
+        cwd=ROOT,
+        capture_output=True,
+        text=True,
+        timeout=30,
         env={**os.environ, "DRY_RUN": "1", "GPUS_PER_NODE": "8", **env},
-    )  # fmt: skip
+    )
 
 
 def test_launch_scripts_start_main_with_the_same_arguments(tmp_path):
     for script in ("launch/tpu_pod.sh", "launch/slurm.sbatch"):
         subprocess.run(["bash", "-n", script], cwd=ROOT, check=True)
-    paths = {"WORKDIR": str(tmp_path / "run dir"), "HF_PATH": "/models/Llama-2-70b-hf",
-             "TRAIN_FILES": "/data/train.jsonl"}  # fmt: skip
+    paths = {
+        "WORKDIR": str(tmp_path / "run dir"),
+        "HF_PATH": "/models/Llama-2-70b-hf",
+        "TRAIN_FILES": "/data/train.jsonl",
+    }
     expected = [
-        "-m", "sftjax.main", "--multihost", "--config=configs/llama2_70b.py",
-        f"--workdir={tmp_path / 'run dir'}", "--config.model.hf_path=/models/Llama-2-70b-hf",
+        "-m",
+        "sftjax.main",
+        "--multihost",
+        "--config=configs/llama2_70b.py",
+        f"--workdir={tmp_path / 'run dir'}",
+        "--config.model.hf_path=/models/Llama-2-70b-hf",
         "--config.data.tokenizer=/models/Llama-2-70b-hf",
-        "--config.data.train_files=/data/train.jsonl", "--config.optim.lr=5e-06",
-    ]  # fmt: skip
+        "--config.data.train_files=/data/train.jsonl",
+        "--config.optim.lr=5e-06",
+    ]
 
     tpu = run_launcher("launch/tpu_pod.sh", "--config.optim.lr=5e-06", TPU_NAME="pod", **paths)
     assert tpu.returncode == 0, tpu.stderr
@@ -331,8 +393,11 @@ def test_launch_scripts_start_main_with_the_same_arguments(tmp_path):
     # main.py accepts these arguments: without --multihost (no cluster here) it gets as far as
     # config validation, which names the placeholder paths and exits 2.
     main = subprocess.run(
-        [sys.executable, *[a for a in expected if a != "--multihost"]], cwd=ROOT,
-        capture_output=True, text=True, timeout=60,
-    )  # fmt: skip
+        [sys.executable, *[a for a in expected if a != "--multihost"]],
+        cwd=ROOT,
+        capture_output=True,
+        text=True,
+        timeout=60,
+    )
     assert main.returncode == 2, main.stderr[-2000:]
     assert "config.data.train_files" in main.stderr and "Llama-2-70b-hf" in main.stderr

@@ -15,7 +15,8 @@ from flax import nnx
 from hf_fixtures import our_logits
 from train_fixtures import ROOT, base_config, demo_corpus
 
-from sftjax import config as config_lib, loop, metrics, sharding, train
+from sftjax import config as config_lib
+from sftjax import loop, metrics, sharding, train
 from sftjax.data import pipeline, records, tokenize
 from sftjax.model import hf_io
 
@@ -28,12 +29,21 @@ def corpus(tmp_path_factory):
 def overrides(corpus, **extra) -> dict:
     train, val, tok_dir, _ = corpus
     values = {
-        "data.train_files": str(train), "data.validation_files": str(val),
-        "data.tokenizer": str(tok_dir), "data.seq_len": 128, "data.num_epochs": 40,
-        "model.preset": "tiny", "model.vocab_size": 256, "model.dtype": "float32",
-        "train.batch_size": 8, "train.log_every_steps": 1, "eval.every_steps": 4,
-        "eval.batch_size": 8, "optim.lr": 3e-3, "optim.warmup_ratio": 0.0,
-    }  # fmt: skip
+        "data.train_files": str(train),
+        "data.validation_files": str(val),
+        "data.tokenizer": str(tok_dir),
+        "data.seq_len": 128,
+        "data.num_epochs": 40,
+        "model.preset": "tiny",
+        "model.vocab_size": 256,
+        "model.dtype": "float32",
+        "train.batch_size": 8,
+        "train.log_every_steps": 1,
+        "eval.every_steps": 4,
+        "eval.batch_size": 8,
+        "optim.lr": 3e-3,
+        "optim.warmup_ratio": 0.0,
+    }
     values.update(extra)
     return values
 
@@ -60,8 +70,15 @@ def expected_stop(eval_losses: list[tuple[int, float]], patience: int, min_delta
 
 
 def test_overfitting_run_stops_early_and_restores_best(corpus, tmp_path):
-    values = overrides(corpus, **{"data.train_files": str(corpus[0]), "eval.patience": 2,
-                                  "eval.min_delta": 0.01, "train.num_steps": 400})  # fmt: skip
+    values = overrides(
+        corpus,
+        **{
+            "data.train_files": str(corpus[0]),
+            "eval.patience": 2,
+            "eval.min_delta": 0.01,
+            "train.num_steps": 400,
+        },
+    )
     config = make_config(values)
     config.data.validation_fraction = 0.0
     result = loop.fit(config, tmp_path)
@@ -76,29 +93,33 @@ def test_overfitting_run_stops_early_and_restores_best(corpus, tmp_path):
     # The restored parameters are the best step's: re-evaluating them gives its loss.
     tok = tokenize.load_tokenizer(str(corpus[2]))
     _, val_examples, _ = pipeline.load_splits(config.data, tok)
-    val = pipeline.validation_batches(val_examples, batch_size=8, seq_len=128, process_index=0,
-                                      process_count=1)  # fmt: skip
+    val = pipeline.validation_batches(
+        val_examples, batch_size=8, seq_len=128, process_index=0, process_count=1
+    )
     graphdef, params = nnx.split(result.model)
     mesh = sharding.make_mesh()
     eval_fn = jax.jit(functools.partial(train.eval_sums, graphdef=graphdef))
     with jax.set_mesh(mesh):
-        again = train.evaluate(eval_fn, nnx.to_pure_dict(params), list(val),
-                               sharding.batch_sharding(mesh))  # fmt: skip
+        again = train.evaluate(
+            eval_fn, nnx.to_pure_dict(params), list(val), sharding.batch_sharding(mesh)
+        )
     assert again["loss"] == pytest.approx(dict(evals)[best_step], rel=1e-5)
 
     # The HF export holds those same best parameters.
     exported = hf_io.load_pretrained(result.export_dir, dtype="float32")
     tokens = np.arange(1, 33)[None] % 256
-    np.testing.assert_allclose(our_logits(exported, tokens), our_logits(result.model, tokens),
-                               atol=2e-2)  # bf16 export  # fmt: skip
+    np.testing.assert_allclose(
+        our_logits(exported, tokens), our_logits(result.model, tokens), atol=2e-2
+    )  # bf16 export
     assert (tmp_path / "loss.png").stat().st_size > 1000
     summary = records_[-1]
     assert summary["split"] == "summary" and summary["best_step"] == best_step
 
 
 def test_non_finite_loss_stops_without_writing_a_checkpoint(corpus, tmp_path):
-    config = make_config(overrides(corpus, **{"optim.lr": 1e30, "train.num_steps": 8,
-                                              "eval.every_steps": 1}))  # fmt: skip
+    config = make_config(
+        overrides(corpus, **{"optim.lr": 1e30, "train.num_steps": 8, "eval.every_steps": 1})
+    )
     with pytest.raises(loop.TrainingDiverged, match="lower optim.lr|validation loss is nan"):
         loop.fit(config, tmp_path)
     steps = [p.name for p in (tmp_path / "checkpoints").iterdir() if p.name.isdigit()]
@@ -136,13 +157,22 @@ def test_invalid_config_is_explained(corpus, edit, message):
 
 def _cli(corpus, workdir, **extra) -> list[str]:
     flags = [f"--config.{k}={v}" for k, v in overrides(corpus, **extra).items()]
-    return [sys.executable, "-m", "sftjax.main", f"--config={ROOT / 'configs/base.py'}",
-            f"--workdir={workdir}", *flags]  # fmt: skip
+    return [
+        sys.executable,
+        "-m",
+        "sftjax.main",
+        f"--config={ROOT / 'configs/base.py'}",
+        f"--workdir={workdir}",
+        *flags,
+    ]
 
 
 def _train_losses(workdir) -> dict[int, float]:
-    return {r["step"]: r["loss"] for r in metrics.read_records(workdir / "metrics.jsonl")
-            if r["split"] == "train"}  # fmt: skip
+    return {
+        r["step"]: r["loss"]
+        for r in metrics.read_records(workdir / "metrics.jsonl")
+        if r["split"] == "train"
+    }
 
 
 def _wait_for_step(workdir, step: int, process, timeout: float = 240) -> None:
@@ -160,18 +190,29 @@ def test_killed_and_terminated_run_resumes_to_identical_losses(corpus, tmp_path)
     extra = {"train.num_steps": 20, "eval.patience": 100}
     env = {**os.environ, "PYTHONUNBUFFERED": "1"}
     reference = tmp_path / "uninterrupted"
-    subprocess.run(_cli(corpus, reference, **extra), check=True, env=env, cwd=ROOT,
-                   capture_output=True)  # fmt: skip
+    subprocess.run(
+        _cli(corpus, reference, **extra), check=True, env=env, cwd=ROOT, capture_output=True
+    )
 
     run = tmp_path / "interrupted"
-    first = subprocess.Popen(_cli(corpus, run, **extra), env=env, cwd=ROOT,
-                             stdout=subprocess.PIPE, stderr=subprocess.STDOUT)  # fmt: skip
+    first = subprocess.Popen(
+        _cli(corpus, run, **extra),
+        env=env,
+        cwd=ROOT,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.STDOUT,
+    )
     _wait_for_step(run, 10, first)
     first.send_signal(signal.SIGKILL)
     first.wait()
 
-    second = subprocess.Popen(_cli(corpus, run, **extra), env=env, cwd=ROOT,
-                              stdout=subprocess.PIPE, stderr=subprocess.STDOUT)  # fmt: skip
+    second = subprocess.Popen(
+        _cli(corpus, run, **extra),
+        env=env,
+        cwd=ROOT,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.STDOUT,
+    )
     _wait_for_step(run, 14, second)
     second.send_signal(signal.SIGTERM)
     output = second.communicate(timeout=120)[0].decode()
@@ -180,12 +221,13 @@ def test_killed_and_terminated_run_resumes_to_identical_losses(corpus, tmp_path)
     saved = max(int(p.name) for p in (run / "checkpoints").iterdir() if p.name.isdigit())
     assert saved >= 14
 
-    subprocess.run(_cli(corpus, run, **extra), check=True, env=env, cwd=ROOT,
-                   capture_output=True)  # fmt: skip
+    subprocess.run(_cli(corpus, run, **extra), check=True, env=env, cwd=ROOT, capture_output=True)
     expected, resumed = _train_losses(reference), _train_losses(run)
     assert sorted(resumed) == sorted(expected) == list(range(1, 21))
-    np.testing.assert_array_equal([resumed[s] for s in range(1, 21)],
-                                  [expected[s] for s in range(1, 21)])  # fmt: skip
-    evals = lambda d: [json.dumps(r) for r in metrics.read_records(d / "metrics.jsonl")
-                       if r["split"] == "eval"]  # fmt: skip
+    np.testing.assert_array_equal(
+        [resumed[s] for s in range(1, 21)], [expected[s] for s in range(1, 21)]
+    )
+    evals = lambda d: [
+        json.dumps(r) for r in metrics.read_records(d / "metrics.jsonl") if r["split"] == "eval"
+    ]
     assert evals(run) == evals(reference)

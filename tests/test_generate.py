@@ -39,8 +39,9 @@ def quick_compiles():
 def tiny_model(scan_layers: bool, mesh_axes: tuple = ()) -> llama.Llama:
     """A random tiny Llama, built once per layout; `mesh_axes` (data, fsdp, tensor) shards it."""
     # init_std 0.1 spreads the logits, so argmax is not decided by rounding noise.
-    cfg = llama.preset("tiny", dtype="float32", vocab_size=64, init_std=0.1,
-                       scan_layers=scan_layers)  # fmt: skip
+    cfg = llama.preset(
+        "tiny", dtype="float32", vocab_size=64, init_std=0.1, scan_layers=scan_layers
+    )
     mesh = sharding.make_mesh(*mesh_axes, devices=None if mesh_axes else jax.devices()[:1])
     return llama.create(cfg, mesh, seed=0)
 
@@ -140,9 +141,13 @@ def test_greedy_equals_hf_generate(hf_dir):
     for prompt, got in zip(prompts, ours, strict=True):
         with torch.no_grad():
             out = hf_model.generate(
-                torch.tensor([prompt]), do_sample=False, max_new_tokens=10, eos_token_id=2,
-                pad_token_id=0, attention_mask=torch.ones(1, len(prompt), dtype=torch.long),
-            )  # fmt: skip
+                torch.tensor([prompt]),
+                do_sample=False,
+                max_new_tokens=10,
+                eos_token_id=2,
+                pad_token_id=0,
+                attention_mask=torch.ones(1, len(prompt), dtype=torch.long),
+            )
         theirs = out[0, len(prompt) :].tolist()
         assert got == (theirs[: theirs.index(2)] if 2 in theirs else theirs)
 
@@ -158,7 +163,6 @@ def test_stories260k_greedy_from_bos_matches_llama2c():
 
 
 def test_cli_prints_an_answer_and_writes_one_line_per_row(hf_dir, tmp_path):
-    import transformers
 
     model = hf_io.load_pretrained(hf_dir, dtype="float32")
     tokenizer = tokenize.load_tokenizer(str(hf_dir))
@@ -173,15 +177,23 @@ def test_cli_prints_an_answer_and_writes_one_line_per_row(hf_dir, tmp_path):
     trained = tokenize.encode(templates.alpaca(row), tokenizer).ids.tolist()
     prompt = generate.prompt_ids({"instruction": "why", "input": "sky"}, "alpaca", tokenizer)
     assert trained[: len(prompt)] == prompt and trained[len(prompt) :] == [
-        tokenizer.hf.convert_tokens_to_ids("blue"), tokenizer.eos_id
+        tokenizer.hf.convert_tokens_to_ids("blue"),
+        tokenizer.eos_id,
     ]
 
     # The real entry point, in a fresh process on one CPU device.
     root = pathlib.Path(sftjax.__file__).resolve().parents[1]
     env = {k: v for k, v in os.environ.items() if k != "XLA_FLAGS"}
     env.update(PYTHONPATH=str(root), JAX_PLATFORMS="cpu", JAX_DISABLE_MOST_OPTIMIZATIONS="1")
-    command = [sys.executable, "-m", "sftjax.generate", f"--checkpoint={hf_dir}",
-               "--prompt=name a color", "--max_new_tokens=8", "--dtype=float32"]  # fmt: skip
+    command = [
+        sys.executable,
+        "-m",
+        "sftjax.generate",
+        f"--checkpoint={hf_dir}",
+        "--prompt=name a color",
+        "--max_new_tokens=8",
+        "--dtype=float32",
+    ]
     done = subprocess.run(command, capture_output=True, text=True, env=env, cwd=root, timeout=120)
     assert done.returncode == 0, done.stderr[-3000:]
     assert done.stdout == expected[0] + "\n"

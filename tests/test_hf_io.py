@@ -56,7 +56,9 @@ def test_save_then_hf_loads_same_logits(hf_dir, tmp_path, scan_layers):
     model = hf_io.load_pretrained(hf_dir, dtype="float32", scan_layers=scan_layers)
     out = hf_io.save_pretrained(model, tmp_path / "export")
     assert sorted(p.name for p in out.iterdir()) == [
-        "config.json", "generation_config.json", "model.safetensors"
+        "config.json",
+        "generation_config.json",
+        "model.safetensors",
     ]
     reloaded = transformers.LlamaForCausalLM.from_pretrained(out).float().eval()
     assert relative_error(hf_logits(reloaded, TOKENS), our_logits(model, TOKENS)) < 1e-4
@@ -70,8 +72,9 @@ def test_sharded_export_with_index_and_tokenizer(hf_dir, hf_model, tmp_path):
     tok_dir = tmp_path / "tok"
     tok_dir.mkdir()
     (tok_dir / "tokenizer_config.json").write_text("{}")
-    out = hf_io.save_pretrained(model, tmp_path / "export", max_shard_bytes=40_000,
-                                tokenizer_dir=tok_dir, dtype="bfloat16")
+    out = hf_io.save_pretrained(
+        model, tmp_path / "export", max_shard_bytes=40_000, tokenizer_dir=tok_dir, dtype="bfloat16"
+    )
     index = json.loads((out / "model.safetensors.index.json").read_text())
     files = sorted(set(index["weight_map"].values()))
     assert len(files) > 2 and all((out / f).exists() for f in files)
@@ -139,8 +142,12 @@ def _copy_with(hf_dir, tmp_path, edit_tensors=None, edit_config=None) -> pathlib
 
 
 def test_missing_tensor_is_named(hf_dir, tmp_path):
-    bad = _copy_with(hf_dir, tmp_path, edit_tensors=lambda t: t.pop("model.layers.1.mlp.up_proj.weight"))
-    with pytest.raises(hf_io.CheckpointError, match=r"missing tensor model\.layers\.1\.mlp\.up_proj"):
+    bad = _copy_with(
+        hf_dir, tmp_path, edit_tensors=lambda t: t.pop("model.layers.1.mlp.up_proj.weight")
+    )
+    with pytest.raises(
+        hf_io.CheckpointError, match=r"missing tensor model\.layers\.1\.mlp\.up_proj"
+    ):
         hf_io.load_pretrained(bad)
 
 

@@ -102,8 +102,7 @@ def test_remat_changes_memory_not_gradients(remat):
 
 
 # Published parameter counts of Llama-2 (embedding and untied lm_head included).
-PUBLISHED = {"llama2_7b": 6_738_415_616, "llama2_13b": 13_015_864_320,
-             "llama2_70b": 68_976_648_192}  # fmt: skip
+PUBLISHED = {"llama2_7b": 6_738_415_616, "llama2_13b": 13_015_864_320, "llama2_70b": 68_976_648_192}
 
 
 @pytest.mark.parametrize("name", sorted(PUBLISHED))

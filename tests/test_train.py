@@ -46,8 +46,9 @@ def test_gradient_accumulation_equals_one_big_batch(batches):
     big, big_state, _ = run(mesh, batches, microbatches=1)
     accumulated, acc_state, _ = run(mesh, batches, microbatches=4)
     np.testing.assert_allclose(accumulated, big, rtol=1e-5)
-    for a, b in zip(jax.tree.leaves(acc_state.params), jax.tree.leaves(big_state.params),
-                    strict=True):  # fmt: skip
+    for a, b in zip(
+        jax.tree.leaves(acc_state.params), jax.tree.leaves(big_state.params), strict=True
+    ):
         np.testing.assert_allclose(np.asarray(a), np.asarray(b), atol=1e-5)  # lr 3e-3: 0.3 %
 
 
@@ -76,9 +77,13 @@ def test_validation_loss_independent_of_eval_batch_size_and_packing():
         for batch_size in (1, 3, 8):
             for pack in (True, False):
                 val = pipeline.validation_batches(
-                    examples, batch_size=batch_size, seq_len=64, process_index=0,
-                    process_count=1, pack=pack,
-                )  # fmt: skip
+                    examples,
+                    batch_size=batch_size,
+                    seq_len=64,
+                    process_index=0,
+                    process_count=1,
+                    pack=pack,
+                )
                 result = train.evaluate(eval_fn, state.params, list(val), batch_sharding)
                 assert result["loss_tokens"] == sum(int(e.loss_mask.sum()) for e in examples)
                 losses[batch_size, pack] = result["loss"]

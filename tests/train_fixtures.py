@@ -31,9 +31,14 @@ def random_examples(n: int, vocab: int, seed: int = 0) -> list[Example]:
 
 def packed_batches(examples, *, batch_size: int, seq_len: int, steps: int) -> list[dict]:
     dataset = pipeline.train_dataset(
-        examples, batch_size=batch_size, seq_len=seq_len, seed=0, num_epochs=50,
-        process_index=0, process_count=1,
-    )  # fmt: skip
+        examples,
+        batch_size=batch_size,
+        seq_len=seq_len,
+        seed=0,
+        num_epochs=50,
+        process_index=0,
+        process_count=1,
+    )
     return [dataset[i] for i in range(steps)]
 
 
@@ -54,8 +59,9 @@ def tiny_trainer(mesh, *, microbatches: int = 1, seed: int = 0, total_steps: int
     shardings = train.state_shardings_for(param_shardings, params, tx)
     state = train.init_state(params, tx, shardings, seed)
     batch_sharding = sharding.batch_sharding(mesh)
-    step_fn, eval_fn = train.jit_steps(graphdef, tx, schedule, microbatches, shardings,
-                                       batch_sharding)  # fmt: skip
+    step_fn, eval_fn = train.jit_steps(
+        graphdef, tx, schedule, microbatches, shardings, batch_sharding
+    )
     return state, step_fn, eval_fn, batch_sharding
 
 
@@ -71,8 +77,9 @@ def demo_corpus(directory: pathlib.Path, *, n_train: int = 400, n_val: int = 60)
     train_rows, val_rows, _ = demo_data.make_splits(0, n_train, n_val, 0)
     texts = [r["instruction"] + "\n" + r["response"] for r in train_rows]
     tok_dir = directory / "tokenizer"
-    vocab = demo_data.train_tokenizer(texts + ["### Instruction:\n### Response:\n"] * 20, tok_dir,
-                                      vocab_size=256)  # fmt: skip
+    vocab = demo_data.train_tokenizer(
+        texts + ["### Instruction:\n### Response:\n"] * 20, tok_dir, vocab_size=256
+    )
     return (
         demo_data.write_jsonl(train_rows, directory / "train.jsonl"),
         demo_data.write_jsonl(val_rows, directory / "val.jsonl"),

@@ -59,9 +59,13 @@ LAYER_KEYS = (
 # Buffers some older exports carry; they are recomputed, never loaded.
 IGNORED_SUFFIXES = ("rotary_emb.inv_freq",)
 TOKENIZER_FILES = (
-    "tokenizer.json", "tokenizer.model", "tokenizer_config.json", "special_tokens_map.json",
-    "added_tokens.json", "chat_template.jinja",
-)  # fmt: skip
+    "tokenizer.json",
+    "tokenizer.model",
+    "tokenizer_config.json",
+    "special_tokens_map.json",
+    "added_tokens.json",
+    "chat_template.jinja",
+)
 MAX_SHARD_BYTES = 5 * 1024**3
 
 
@@ -186,11 +190,16 @@ def load_pretrained(
 
     expected = {name for name, *_ in _expected_keys(cfg)}
     unexpected = sorted(
-        n for n in files if n not in expected and not n.endswith(IGNORED_SUFFIXES)
+        n
+        for n in files
+        if n not in expected
+        and not n.endswith(IGNORED_SUFFIXES)
         and not (cfg.tie_embeddings and n == "lm_head.weight")
     )
     if unexpected:
-        raise CheckpointError(f"{directory}: tensors the Llama architecture lacks: {unexpected[:5]}")
+        raise CheckpointError(
+            f"{directory}: tensors the Llama architecture lacks: {unexpected[:5]}"
+        )
     missing = sorted(expected - files.keys())
     if missing:
         raise CheckpointError(f"{directory}: missing tensor {missing[0]} ({len(missing)} missing)")
@@ -296,7 +305,8 @@ def save_pretrained(
     weight_map, total = {}, 0
     for shard_index, shard_entries in enumerate(shards):
         file_name = (
-            "model.safetensors" if len(shards) == 1
+            "model.safetensors"
+            if len(shards) == 1
             else f"model-{shard_index + 1:05d}-of-{len(shards):05d}.safetensors"
         )
         tensors = {}

@@ -72,17 +72,34 @@ class LlamaConfig:
 
 _LLAMA2 = dict(vocab_size=32000, max_seq_len=4096, norm_eps=1e-5, rope_theta=10000.0)
 PRESETS = {
-    "llama2_7b": dict(_LLAMA2, embed_dim=4096, mlp_dim=11008, num_layers=32, num_heads=32,
-                      num_kv_heads=32),
-    "llama2_13b": dict(_LLAMA2, embed_dim=5120, mlp_dim=13824, num_layers=40, num_heads=40,
-                       num_kv_heads=40),
-    "llama2_70b": dict(_LLAMA2, embed_dim=8192, mlp_dim=28672, num_layers=80, num_heads=64,
-                       num_kv_heads=8),
-    "tiny": dict(vocab_size=512, embed_dim=64, mlp_dim=172, num_layers=2, num_heads=8,
-                 num_kv_heads=4, max_seq_len=512),
-    "demo": dict(vocab_size=512, embed_dim=128, mlp_dim=384, num_layers=3, num_heads=4,
-                 num_kv_heads=4, max_seq_len=512),
-}  # fmt: skip
+    "llama2_7b": dict(
+        _LLAMA2, embed_dim=4096, mlp_dim=11008, num_layers=32, num_heads=32, num_kv_heads=32
+    ),
+    "llama2_13b": dict(
+        _LLAMA2, embed_dim=5120, mlp_dim=13824, num_layers=40, num_heads=40, num_kv_heads=40
+    ),
+    "llama2_70b": dict(
+        _LLAMA2, embed_dim=8192, mlp_dim=28672, num_layers=80, num_heads=64, num_kv_heads=8
+    ),
+    "tiny": dict(
+        vocab_size=512,
+        embed_dim=64,
+        mlp_dim=172,
+        num_layers=2,
+        num_heads=8,
+        num_kv_heads=4,
+        max_seq_len=512,
+    ),
+    "demo": dict(
+        vocab_size=512,
+        embed_dim=128,
+        mlp_dim=384,
+        num_layers=3,
+        num_heads=4,
+        num_kv_heads=4,
+        max_seq_len=512,
+    ),
+}
 
 
 def preset(name: str, **overrides) -> LlamaConfig:
@@ -190,10 +207,14 @@ class Attention(nnx.Module):
             )
             cache = cache._replace(k_BSKH=k_BSKH, v_BSKH=v_BSKH)
             out_BLNH = attention.attend(
-                q_BLNH, k_BSKH.astype(dt), v_BSKH.astype(dt), segment_ids_BL,
-                kv_segment_ids_BS=cache.segment_ids_BS, q_start=cache.start,
+                q_BLNH,
+                k_BSKH.astype(dt),
+                v_BSKH.astype(dt),
+                segment_ids_BL,
+                kv_segment_ids_BS=cache.segment_ids_BS,
+                q_start=cache.start,
                 implementation=self.cfg.attention,
-            )  # fmt: skip
+            )
         return jnp.einsum("blnh,nhd->bld", out_BLNH, self.o[...].astype(dt)), cache
 
 
