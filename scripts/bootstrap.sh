@@ -32,6 +32,11 @@ if [ -f "$stamp" ] && [ "$(cat "$stamp")" = "$want" ]; then
   exit 0
 fi
 echo "[bootstrap] installing pinned dependencies ($profile) into $venv ..." >&2
-"$venv/bin/python" -m pip install -q --disable-pip-version-check \
-  -c "$root/requirements/lock.txt" -e "$spec"
+log="$venv/.sftjax-install.log"
+if ! "$venv/bin/python" -m pip install -q --disable-pip-version-check \
+    -c "$root/requirements/lock.txt" -e "$spec" >"$log" 2>&1; then
+  cat "$log" >&2
+  echo "[bootstrap] pip install failed (log: $log)" >&2
+  exit 1
+fi
 echo "$want" > "$stamp"
