@@ -21,7 +21,7 @@ def get_config():
     c.data.validation_files = "runs/demo/data/validation.jsonl"  # instructions unseen in training
     c.data.tokenizer = "runs/demo/tokenizer"  # byte-level BPE trained by sftjax.demo
     c.data.seq_len = 256  # toy rows are ~30 tokens: ~8 examples per packed row
-    c.data.num_epochs = 24  # the cosine schedule spans 24 epochs; early stopping may end it sooner
+    c.data.num_epochs = 40  # more than needed: early stopping ends the run
     c.model.preset = "demo"  # d 128, 3 layers, 4 heads, vocab 512
     c.model.dtype = "float32"  # CPUs have no fast bf16 matmul
     c.model.remat = "none"  # tiny activations: recomputing them only costs time
@@ -31,7 +31,7 @@ def get_config():
     c.train.log_every_steps = 25  # metrics cadence
     c.eval.every_steps = 50  # validation loss over all 200 validation rows
     c.eval.batch_size = 16  # rows per validation step
-    c.eval.patience = 3  # evaluations without improvement before stopping
+    c.eval.patience = 4  # evaluations without improvement before stopping
     c.eval.min_delta = 0.002  # ignore improvements smaller than this
     c.eval.prompts = (
         "Reverse the order of these words: river cloud stone",

@@ -225,6 +225,8 @@ def fit(config: ml_collections.ConfigDict, workdir: str | pathlib.Path) -> FitRe
         progress.set_postfix(loss=f"{values['loss']:.4f}", tok_s=f"{tokens_per_s:,.0f}")
 
     stop_reason, step = "completed", start_step
+    if early.should_stop:  # resuming a run that had already stopped early: don't train on
+        stop_reason, total_steps = "early_stopping", start_step
     pending, window_start, window_steps = None, time.perf_counter(), 0
     try:
         with jax.set_mesh(mesh):

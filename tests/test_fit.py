@@ -115,6 +115,16 @@ def test_overfitting_run_stops_early_and_restores_best(corpus, tmp_path):
     summary = records_[-1]
     assert summary["split"] == "summary" and summary["best_step"] == best_step
 
+    # Rerunning a run that stopped early resumes into "stopped": no further training.
+    again = loop.fit(config, tmp_path)
+    assert (again.stop_reason, again.last_step, again.best_step) == (
+        "early_stopping",
+        stop_step,
+        best_step,
+    )
+    trained = [r for r in metrics.read_records(tmp_path / "metrics.jsonl") if r["split"] == "train"]
+    assert max(r["step"] for r in trained) == stop_step
+
 
 def test_non_finite_loss_stops_without_writing_a_checkpoint(corpus, tmp_path):
     config = make_config(
