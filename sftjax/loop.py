@@ -149,6 +149,10 @@ def fit(config: ml_collections.ConfigDict, workdir: str | pathlib.Path) -> FitRe
         )
     train_examples, val_examples, report = pipeline.load_splits(config.data, tok)
     log.info("data:\n%s", report.summary())
+    if not val_examples:
+        raise config_lib.ConfigError(
+            "no validation examples: give data.validation_files or raise data.validation_fraction"
+        )
     data_kwargs = dict(
         seq_len=config.data.seq_len,
         process_index=jax.process_index(),
@@ -168,10 +172,6 @@ def fit(config: ml_collections.ConfigDict, workdir: str | pathlib.Path) -> FitRe
     val_batches = list(
         pipeline.validation_batches(val_examples, batch_size=config.eval.batch_size, **data_kwargs)
     )
-    if not val_examples:
-        raise config_lib.ConfigError(
-            "no validation examples: give data.validation_files or raise data.validation_fraction"
-        )
 
     tx, schedule = train.make_optimizer(config.optim, total_steps)
     graphdef, abstract_state = _abstract_train_state(cfg, mesh, rules, tx)
@@ -206,7 +206,8 @@ def fit(config: ml_collections.ConfigDict, workdir: str | pathlib.Path) -> FitRe
         total=total_steps, initial=start_step, disable=not is_main, desc="train", dynamic_ncols=True
     )
 
-    def meta() -> dict:
+    def checkpoint_record() -> dict:
+        """JSON saved with every checkpoint: what an exact resume needs beyond the arrays."""
         return {"early_stopping": dataclasses.asdict(early), "config": config.to_dict()}
 
     def log_train(step: int, values: dict, steps: int) -> None:
@@ -268,7 +269,7 @@ def fit(config: ml_collections.ConfigDict, workdir: str | pathlib.Path) -> FitRe
                             config, graphdef, state.params, tok, step, writer, progress
                         )
                 if at_eval or preemption.requested:
-                    ckpt.save(step, state, data_iter, meta(), val_loss)
+                    ckpt.save(step, state, data_iter, checkpoint_record(), val_loss)
                     window_start, window_steps = time.perf_counter(), 0
                 if preemption.requested:
                     stop_reason = "preempted"

@@ -19,7 +19,11 @@ def test_demo_learns_to_follow_unseen_instructions(tmp_path):
     workdir = tmp_path / "demo"
     done = subprocess.run(
         [sys.executable, "-m", "sftjax.demo", f"--workdir={workdir}"],
-        cwd=ROOT, env=env, capture_output=True, text=True, timeout=900,
+        cwd=ROOT,
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=900,
     )
     assert done.returncode == 0, done.stderr[-4000:]
     print(done.stdout)
