@@ -1,9 +1,14 @@
 """The built-in demo: a ~0.8M-parameter Llama learns ten toy instruction tasks on a laptop CPU.
 
-Run it with `bash scripts/demo.sh` (or `python -m sftjax.demo`), which first writes the data
-and trains the tokenizer these paths point to; then `python -m sftjax.main
---config=configs/tiny.py --workdir=...` reruns the training alone. Same code path as the 7B
-config: templates, exact masks, packing, sharded step, evaluation, early stopping, checkpoints.
+Run it with `bash scripts/demo.sh` (or `python -m sftjax.demo`): it writes the data and trains
+the tokenizer under a fresh workdir (runs/demo-<time>/) and points the data paths below there.
+To rerun only the training on that data:
+    python -m sftjax.main --config=configs/tiny.py --workdir=runs/again \
+      --config.data.train_files=runs/demo-<time>/data/train.jsonl \
+      --config.data.validation_files=runs/demo-<time>/data/validation.jsonl \
+      --config.data.tokenizer=runs/demo-<time>/tokenizer
+Same code path as the 7B config: templates, exact masks, packing, sharded step, evaluation,
+early stopping, checkpoints.
 """
 
 import importlib.util
@@ -17,7 +22,7 @@ def get_config():
     base = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(base)
     c = base.get_config()
-    c.data.train_files = "runs/demo/data/train.jsonl"  # written by sftjax.demo
+    c.data.train_files = "runs/demo/data/train.jsonl"  # sftjax.demo sets its own paths
     c.data.validation_files = "runs/demo/data/validation.jsonl"  # instructions unseen in training
     c.data.tokenizer = "runs/demo/tokenizer"  # byte-level BPE trained by sftjax.demo
     c.data.seq_len = 256  # toy rows are ~30 tokens: ~8 examples per packed row
