@@ -239,29 +239,35 @@ def _read_rows(path: pathlib.Path, text_key: str) -> list[dict]:
 
 
 FLAGS = flags.FLAGS
-flags.DEFINE_string(
-    "checkpoint",
-    None,
-    "A Hugging Face Llama directory (weights + tokenizer), "
-    "or a training workdir (its best checkpoint).",
-)
-flags.DEFINE_string("prompt", None, "One instruction to answer; the answer is printed.")
-flags.DEFINE_string("prompt_input", "", "Optional alpaca 'input' field for --prompt.")
-flags.DEFINE_string("input", None, "JSONL rows: 'instruction' (+ 'input'), or 'prompt' if raw.")
-flags.DEFINE_string("output", None, "JSONL to write: each --input row plus 'generated'.")
-flags.DEFINE_enum(
-    "template",
-    "alpaca",
-    ["alpaca", "chat", "none"],
-    "Training template; none: --prompt is raw text.",
-)
-flags.DEFINE_integer("max_new_tokens", 256, "New tokens per answer at most.")
-flags.DEFINE_float("temperature", 0.0, "0 is greedy.")
-flags.DEFINE_integer("top_k", 0, "Sample among the k most likely tokens; 0 keeps all.")
-flags.DEFINE_float("top_p", 1.0, "Nucleus sampling mass; 1 keeps all.")
-flags.DEFINE_integer("seed", 0, "Sampling seed.")
-flags.DEFINE_integer("batch_size", 8, "Rows decoded together with --input.")
-flags.DEFINE_string("dtype", "bfloat16", "Weights and compute dtype (float32 for exactness).")
+
+
+def define_flags() -> None:
+    """The CLI's flags, defined on demand: importing this module (the trainer does) adds none."""
+    if "checkpoint" in FLAGS:
+        return
+    flags.DEFINE_string(
+        "checkpoint",
+        None,
+        "A Hugging Face Llama directory (weights + tokenizer), "
+        "or a training workdir (its best checkpoint).",
+    )
+    flags.DEFINE_string("prompt", None, "One instruction to answer; the answer is printed.")
+    flags.DEFINE_string("prompt_input", "", "Optional alpaca 'input' field for --prompt.")
+    flags.DEFINE_string("input", None, "JSONL rows: 'instruction' (+ 'input'), or 'prompt' if raw.")
+    flags.DEFINE_string("output", None, "JSONL to write: each --input row plus 'generated'.")
+    flags.DEFINE_enum(
+        "template",
+        "alpaca",
+        ["alpaca", "chat", "none"],
+        "Training template; none: --prompt is raw text.",
+    )
+    flags.DEFINE_integer("max_new_tokens", 256, "New tokens per answer at most.")
+    flags.DEFINE_float("temperature", 0.0, "0 is greedy.")
+    flags.DEFINE_integer("top_k", 0, "Sample among the k most likely tokens; 0 keeps all.")
+    flags.DEFINE_float("top_p", 1.0, "Nucleus sampling mass; 1 keeps all.")
+    flags.DEFINE_integer("seed", 0, "Sampling seed.")
+    flags.DEFINE_integer("batch_size", 8, "Rows decoded together with --input.")
+    flags.DEFINE_string("dtype", "bfloat16", "Weights and compute dtype (float32 for exactness).")
 
 
 def _load(path: pathlib.Path, dtype: str) -> tuple[llama.Llama, pathlib.Path]:
@@ -307,5 +313,6 @@ def main(argv: Sequence[str]) -> None:
 
 
 if __name__ == "__main__":
+    define_flags()
     flags.mark_flag_as_required("checkpoint")
     app.run(main)

@@ -115,6 +115,13 @@ def test_overfitting_run_stops_early_and_restores_best(corpus, tmp_path):
     summary = records_[-1]
     assert summary["split"] == "summary" and summary["best_step"] == best_step
 
+    # A workdir is a checkpoint for generation too: its best parameters, without the export.
+    from_workdir, tokenizer_dir = loop.load_best(tmp_path, dtype="float32")
+    assert tokenizer_dir == corpus[2]
+    np.testing.assert_array_equal(
+        our_logits(from_workdir, tokens), our_logits(result.model, tokens)
+    )
+
     # Rerunning a run that stopped early resumes into "stopped": no further training.
     again = loop.fit(config, tmp_path)
     assert (again.stop_reason, again.last_step, again.best_step) == (

@@ -211,6 +211,7 @@ def test_cli_prints_an_answer_and_writes_one_line_per_row(hf_dir, tmp_path):
         "--batch_size=4",  # one chunk of 3 rows: the compile `expected` made is reused
         "--dtype=float32",
     ]
+    generate.define_flags()
     with flagsaver.flagsaver():
         generate.main(flags.FLAGS(argv))
     written = [json.loads(line) for line in out.read_text().splitlines()]
