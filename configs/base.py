@@ -74,7 +74,7 @@ def get_config() -> ml_collections.ConfigDict:
     c.data.overlong = "drop"  # over-long examples: "drop" (counted) or "truncate_prompt"
     c.data.pack = True  # pack several examples per row (segment ids keep them apart)
     c.data.pack_validation = True  # pack validation rows too (same loss value, fewer eval steps)
-    c.data.packing_bins = 16  # open bins of the first-fit packer (more: fuller rows, more RAM)
+    c.data.packing_bins = 16  # open rows of the first-fit packer (more: fuller rows, slower plan)
     c.data.shuffle_seed = 0  # seed of the per-epoch shuffle and the validation split
     c.data.num_epochs = 3  # passes over the training rows
 

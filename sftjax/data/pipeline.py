@@ -10,9 +10,11 @@ Usage (the trainer):
     train, validation, report = pipeline.load_splits(config.data, tok)   # BadRowsError: exit 1
     it = pipeline.train_batches(train, batch_size=B, seq_len=config.data.seq_len,
         seed=config.data.shuffle_seed, num_epochs=config.data.num_epochs, pack=config.data.pack,
+        num_bins=config.data.packing_bins,
         process_index=jax.process_index(), process_count=jax.process_count())
     for batch in it: ...   # {tokens, targets, loss_mask, segment_ids, positions}: [B/P, L] int32
-    for batch in pipeline.validation_batches(validation, batch_size=B, ...): ...   # every eval
+    for batch in pipeline.validation_batches(validation, batch_size=B, seq_len=…,
+        pack=config.data.pack_validation, process_index=…, process_count=…): ...  # every eval
 `len(pipeline.train_dataset(...))` is the run's number of steps, known before training.
 
 Batch vocabulary, all int32 [batch_per_process, seq_len]: `tokens`, `targets` (shifted per
@@ -21,7 +23,7 @@ example, so a target never crosses into the next example), `loss_mask` (0/1 int3
 Padding is zero in every array.
 
 Departure from a Grain packer (grain.experimental.FirstFitPackIterDataset): rows are planned
-from example lengths with the same first-fit rule, once per epoch, for the *global* batch, and
+from example lengths by first-fit over open rows, once per epoch, for the *global* batch, and
 each process materialises only its rows. So every process has the same number of batches
 (collectives never hang at an epoch end), the global batch does not depend on the process
 count, the number of steps is known up front, and the Grain iterator state is one index, which
@@ -131,6 +133,10 @@ def load_splits(
         validation_rows = [r for r, h in zip(train_rows, held, strict=True) if h]
         train_rows = [r for r, h in zip(train_rows, held, strict=True) if not h]
     report = DataReport(train_report, validation_report)
+    if config.template not in templates.TEMPLATES:
+        raise ValueError(
+            f"data.template {config.template!r} is not one of {list(templates.TEMPLATES)}"
+        )
     template = templates.TEMPLATES[config.template]
     kwargs = dict(seq_len=config.seq_len, overlong=config.overlong, report=report)
     train = encode_rows(train_rows, template, tok, **kwargs)
