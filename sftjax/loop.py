@@ -170,7 +170,11 @@ def fit(config: ml_collections.ConfigDict, workdir: str | pathlib.Path) -> FitRe
     total_steps = min(steps_in_data, config.train.num_steps or steps_in_data)
     data_iter = pipeline.train_batches(train_examples, **train_kwargs)
     val_batches = list(
-        pipeline.validation_batches(val_examples, batch_size=config.eval.batch_size, **data_kwargs)
+        pipeline.validation_batches(
+            val_examples,
+            batch_size=config.eval.batch_size,
+            **{**data_kwargs, "pack": config.data.pack_validation},
+        )
     )
 
     tx, schedule = train.make_optimizer(config.optim, total_steps)
