@@ -88,6 +88,8 @@ class Checkpointer:
         self._manager.close()
 
 
-def abstract_like(tree):
-    """ShapeDtypeStructs with the concrete shardings of `tree`, as restore targets."""
-    return jax.tree.map(lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=x.sharding), tree)
+def with_shardings(shapes, shardings):
+    """ShapeDtypeStructs of `shapes` carrying `shardings` (concrete mesh): restore targets."""
+    return jax.tree.map(
+        lambda a, s: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=s), shapes, shardings
+    )

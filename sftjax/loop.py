@@ -69,20 +69,14 @@ def _abstract_train_state(cfg: llama.LlamaConfig, mesh, rules, tx):
     """(graphdef, TrainState of ShapeDtypeStructs carrying their concrete shardings): no memory."""
     graphdef, abstract_params = nnx.split(llama.abstract(cfg, mesh, rules))
     param_shardings = nnx.to_pure_dict(sharding.state_shardings(abstract_params, mesh, rules))
-    abstract_params = jax.tree.map(
-        lambda a, s: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=s),
-        nnx.to_pure_dict(abstract_params),
-        param_shardings,
-    )
+    abstract_params = checkpoint.with_shardings(nnx.to_pure_dict(abstract_params), param_shardings)
     shardings = train.state_shardings_for(param_shardings, abstract_params, tx)
     shapes = jax.eval_shape(
         lambda: train.TrainState(
             jnp.int32(0), abstract_params, tx.init(abstract_params), jax.random.PRNGKey(0)
         )
     )
-    return graphdef, jax.tree.map(
-        lambda a, s: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=s), shapes, shardings
-    )
+    return graphdef, checkpoint.with_shardings(shapes, shardings)
 
 
 def load_best(
