@@ -46,14 +46,14 @@ class Checkpointer:
 
     def best_step(self) -> int | None:
         """The step with the lowest validation loss among kept checkpoints (None: no eval yet)."""
-        steps_with_loss = [
-            s
-            for s in self._manager.all_steps()
-            if (self._manager.metrics(s) or {}).get(VAL_LOSS) is not None
-        ]
+        steps_with_loss = [s for s in self._manager.all_steps() if self.val_loss(s) is not None]
         if not steps_with_loss:
             return None
-        return min(steps_with_loss, key=lambda s: self._manager.metrics(s)[VAL_LOSS])
+        return min(steps_with_loss, key=self.val_loss)
+
+    def val_loss(self, step: int) -> float | None:
+        """The validation loss saved with `step`, if it was evaluated."""
+        return (self._manager.metrics(step) or {}).get(VAL_LOSS)
 
     def save(self, step: int, state, data_iter, meta: dict, val_loss: float | None) -> None:
         """Queue an (async) save; `meta` is JSON (early stopping, config) for exact resume."""

@@ -136,10 +136,10 @@ def fit(config: ml_collections.ConfigDict, workdir: str | pathlib.Path) -> FitRe
 
     # Data first: bad rows fail here, before anything is compiled.
     tok = tokenize.load_tokenizer(config.data.tokenizer)
-    if max(tok.eos_id, tok.bos_id or 0) >= cfg.vocab_size:
+    if len(tok.hf) > cfg.vocab_size:  # an id past the table would embed as NaN, not fail
         raise config_lib.ConfigError(
-            f"tokenizer ids reach {max(tok.eos_id, tok.bos_id or 0)} but the model's vocab_size "
-            f"is {cfg.vocab_size}; set config.model.vocab_size"
+            f"the tokenizer at {config.data.tokenizer} has {len(tok.hf)} tokens but the model's "
+            f"vocab_size is {cfg.vocab_size}; set config.model.vocab_size >= {len(tok.hf)}"
         )
     train_examples, val_examples, report = pipeline.load_splits(config.data, tok)
     log.info("data:\n%s", report.summary())
@@ -286,7 +286,10 @@ def fit(config: ml_collections.ConfigDict, workdir: str | pathlib.Path) -> FitRe
         writer.close()
         return FitResult(stop_reason, step, early.best_step, early.best_loss, None, None)
 
+    # The restored checkpoint is the lowest validation loss saved; with min_delta > 0 that can
+    # be a later step than early stopping's own best (an improvement too small to reset patience).
     best_step = ckpt.best_step()
+    best_loss = ckpt.val_loss(best_step)
     why = {
         "completed": f"completed {total_steps} steps",
         "early_stopping": f"early stopping: {early.patience} evaluations without improving "
@@ -296,7 +299,7 @@ def fit(config: ml_collections.ConfigDict, workdir: str | pathlib.Path) -> FitRe
         "stopped at step %d (%s); best validation loss %.4f at step %s",
         step,
         why,
-        early.best_loss,
+        best_loss,
         best_step,
     )
     del state  # free the live state before the best one is read back
@@ -316,10 +319,10 @@ def fit(config: ml_collections.ConfigDict, workdir: str | pathlib.Path) -> FitRe
     writer.write(
         step,
         "summary",
-        {"stop_reason": stop_reason, "best_step": best_step, "best_val_loss": early.best_loss},
+        {"stop_reason": stop_reason, "best_step": best_step, "best_val_loss": best_loss},
     )
     writer.close()
     if is_main:
         metrics.plot_losses(workdir / "metrics.jsonl", workdir / "loss.png", best_step)
     ckpt.close()
-    return FitResult(stop_reason, step, best_step, early.best_loss, best_model, export_dir)
+    return FitResult(stop_reason, step, best_step, best_loss, best_model, export_dir)

@@ -9,6 +9,7 @@ import sys
 import time
 
 import jax
+import jax.numpy as jnp
 import numpy as np
 import pytest
 from flax import nnx
@@ -27,7 +28,7 @@ def corpus(tmp_path_factory):
 
 
 def overrides(corpus, **extra) -> dict:
-    train, val, tok_dir, _ = corpus
+    train, val, tok_dir, vocab = corpus
     values = {
         "data.train_files": str(train),
         "data.validation_files": str(val),
@@ -35,7 +36,7 @@ def overrides(corpus, **extra) -> dict:
         "data.seq_len": 128,
         "data.num_epochs": 40,
         "model.preset": "tiny",
-        "model.vocab_size": 256,
+        "model.vocab_size": vocab,
         "model.dtype": "float32",
         "train.batch_size": 8,
         "train.log_every_steps": 1,
@@ -57,16 +58,18 @@ def make_config(values: dict):
 
 
 def expected_stop(eval_losses: list[tuple[int, float]], patience: int, min_delta: float):
-    """Independent re-statement of the rule: (stop step, best step)."""
-    best, best_step, bad = float("inf"), None, 0
-    for step, loss in eval_losses:
+    """Independent re-statement of the rule: (stop step, step restored = lowest loss so far)."""
+    best, bad, stop = float("inf"), 0, None
+    for i, (_, loss) in enumerate(eval_losses):
         if loss < best - min_delta:
-            best, best_step, bad = loss, step, 0
+            best, bad = loss, 0
         else:
             bad += 1
             if bad >= patience:
-                return step, best_step
-    return None, best_step
+                stop = i
+                break
+    seen = eval_losses if stop is None else eval_losses[: stop + 1]
+    return (None if stop is None else eval_losses[stop][0]), min(seen, key=lambda e: e[1])[0]
 
 
 def test_overfitting_run_stops_early_and_restores_best(corpus, tmp_path):
@@ -88,6 +91,7 @@ def test_overfitting_run_stops_early_and_restores_best(corpus, tmp_path):
     stop_step, best_step = expected_stop(evals, patience=2, min_delta=0.01)
     assert result.stop_reason == "early_stopping"
     assert result.last_step == stop_step and result.best_step == best_step < stop_step
+    assert result.best_val_loss == dict(evals)[best_step]
     assert evals[0][1] > min(loss for _, loss in evals) + 0.5  # validation loss really fell
 
     # The restored parameters are the best step's: re-evaluating them gives its loss.
@@ -105,12 +109,20 @@ def test_overfitting_run_stops_early_and_restores_best(corpus, tmp_path):
         )
     assert again["loss"] == pytest.approx(dict(evals)[best_step], rel=1e-5)
 
-    # The HF export holds those same best parameters.
-    exported = hf_io.load_pretrained(result.export_dir, dtype="float32")
+    # The HF export holds those same best parameters, rounded to its bfloat16.
+    exported = hf_io.load_pretrained(
+        result.export_dir, dtype="float32", scan_layers=result.model.cfg.scan_layers
+    )
+    exported_params = nnx.to_pure_dict(nnx.state(exported, nnx.Param))
+    best_params = nnx.to_pure_dict(nnx.state(result.model, nnx.Param))
+    jax.tree.map(
+        lambda e, b: np.testing.assert_array_equal(
+            np.asarray(e, np.float32), np.asarray(b).astype(jnp.bfloat16).astype(np.float32)
+        ),
+        exported_params,
+        best_params,
+    )
     tokens = np.arange(1, 33)[None] % 256
-    np.testing.assert_allclose(
-        our_logits(exported, tokens), our_logits(result.model, tokens), atol=2e-2
-    )  # bf16 export
     assert (tmp_path / "loss.png").stat().st_size > 1000
     summary = records_[-1]
     assert summary["split"] == "summary" and summary["best_step"] == best_step
@@ -148,6 +160,16 @@ def test_bad_rows_fail_before_anything_compiles(corpus, tmp_path):
     bad.write_text('{"instruction": "hi", "response": "yo"}\n{"instruction": "x"}\nnot json\n')
     config = make_config(overrides(corpus, **{"data.train_files": str(bad)}))
     with pytest.raises(records.BadRowsError, match=r"bad\.jsonl:2.*\n?.*"):
+        loop.fit(config, tmp_path / "run")
+    assert not (tmp_path / "run" / "checkpoints").exists()
+
+
+def test_tokenizer_larger_than_the_embedding_table_is_refused(corpus, tmp_path):
+    # The demo tokenizer's added template headers sit past its trained vocabulary: a model
+    # sized to the trained part would look them up out of range (NaN, not an error).
+    vocab = corpus[3]
+    config = make_config(overrides(corpus, **{"model.vocab_size": vocab - 1}))
+    with pytest.raises(config_lib.ConfigError, match=f"has {vocab} tokens.*>= {vocab}"):
         loop.fit(config, tmp_path / "run")
     assert not (tmp_path / "run" / "checkpoints").exists()
 
