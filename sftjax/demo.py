@@ -48,9 +48,7 @@ def prepare(
     config.data.train_files = str(demo_data.write_jsonl(train, data / "train.jsonl"))
     config.data.validation_files = str(demo_data.write_jsonl(validation, data / "validation.jsonl"))
     demo_data.write_jsonl(test, data / "test.jsonl")
-    # The template's own text is part of every example: the tokenizer should know it well.
     texts = [f"{r['instruction']}\n{r['response']}" for r in train]
-    texts += ["### Instruction:\n### Response:\n"] * 100
     vocab = demo_data.train_tokenizer(texts, workdir / "tokenizer", config.model.vocab_size or 512)
     config.data.tokenizer = str(workdir / "tokenizer")
     config.model.vocab_size = vocab
@@ -59,10 +57,7 @@ def prepare(
 
 def score(model, tok, test: list[dict]) -> tuple[dict, list[tuple[dict, str]]]:
     """Exact-match accuracy per task on `test` and every (row, answer) pair."""
-    answers = []
-    for start in range(0, len(test), 64):
-        chunk = test[start : start + 64]
-        answers += generate.respond(model, tok, chunk, max_new_tokens=24)
+    answers = generate.respond(model, tok, test, max_new_tokens=24)  # one batch: one compile
     hits, totals = collections.Counter(), collections.Counter()
     for row, answer in zip(test, answers, strict=True):
         totals[row["task"]] += 1

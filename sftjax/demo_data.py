@@ -3,7 +3,8 @@
 Owns: ten task types with several phrasings each, the split (by instruction text: a test
 instruction never appears in training; phrasings are shared), and a byte-level BPE tokenizer
 where every whitespace character and every digit is its own token (plain BPE that merges
-digits and spaces breaks copying and arithmetic at this model size).
+digits and spaces breaks copying and arithmetic at this model size) and each Alpaca template
+header is one token (examples shrink from ~40 to ~26 tokens).
 """
 
 import json
@@ -179,6 +180,9 @@ def write_jsonl(rows: list[dict], path: pathlib.Path) -> pathlib.Path:
     return path
 
 
+TEMPLATE_PIECES = ("### Instruction:\n", "\n\n### Input:\n", "\n\n### Response:\n")
+
+
 def train_tokenizer(texts: list[str], out_dir: pathlib.Path, vocab_size: int = 512) -> int:
     """Train and save a HF tokenizer directory; returns its vocabulary size."""
     pieces = tokenizers.pre_tokenizers
@@ -193,12 +197,15 @@ def train_tokenizer(texts: list[str], out_dir: pathlib.Path, vocab_size: int = 5
     )
     tok.decoder = tokenizers.decoders.ByteLevel()
     trainer = tokenizers.trainers.BpeTrainer(
-        vocab_size=vocab_size,
+        vocab_size=vocab_size - len(TEMPLATE_PIECES),
         special_tokens=["<pad>", "<s>", "</s>"],
         initial_alphabet=pieces.ByteLevel.alphabet(),
         show_progress=False,
     )
     tok.train_from_iterator(texts, trainer)
+    # The template's headers as whole tokens: 3 tokens of scaffolding per example instead of
+    # 17 single characters, so a packed row holds ~1.5x more examples for the same compute.
+    tok.add_tokens([tokenizers.AddedToken(h, normalized=False) for h in TEMPLATE_PIECES])
     hf = transformers.PreTrainedTokenizerFast(
         tokenizer_object=tok, bos_token="<s>", eos_token="</s>", pad_token="<pad>"
     )

@@ -77,9 +77,7 @@ def demo_corpus(directory: pathlib.Path, *, n_train: int = 400, n_val: int = 60)
     train_rows, val_rows, _ = demo_data.make_splits(0, n_train, n_val, 0)
     texts = [r["instruction"] + "\n" + r["response"] for r in train_rows]
     tok_dir = directory / "tokenizer"
-    vocab = demo_data.train_tokenizer(
-        texts + ["### Instruction:\n### Response:\n"] * 20, tok_dir, vocab_size=256
-    )
+    vocab = demo_data.train_tokenizer(texts, tok_dir, vocab_size=320)
     return (
         demo_data.write_jsonl(train_rows, directory / "train.jsonl"),
         demo_data.write_jsonl(val_rows, directory / "val.jsonl"),
