@@ -136,12 +136,14 @@ def fit(config: ml_collections.ConfigDict, workdir: str | pathlib.Path) -> FitRe
 
     # Data first: bad rows fail here, before anything is compiled.
     tok = tokenize.load_tokenizer(config.data.tokenizer)
-    if len(tok.hf) > cfg.vocab_size:  # an id past the table would embed as NaN, not fail
-        raise config_lib.ConfigError(
-            f"the tokenizer at {config.data.tokenizer} has {len(tok.hf)} tokens but the model's "
-            f"vocab_size is {cfg.vocab_size}; set config.model.vocab_size >= {len(tok.hf)}"
-        )
     train_examples, val_examples, report = pipeline.load_splits(config.data, tok)
+    largest_id = max(max(e.tokens.max(), e.targets.max()) for e in train_examples + val_examples)
+    if largest_id >= cfg.vocab_size:  # an id past the table would embed as NaN, not fail
+        raise config_lib.ConfigError(
+            f"the data uses token id {largest_id} (the tokenizer at {config.data.tokenizer} has "
+            f"{len(tok.hf)} tokens) but the model's vocab_size is {cfg.vocab_size}; use the "
+            f"model's own tokenizer or, for a random init, set config.model.vocab_size"
+        )
     log.info("data:\n%s", report.summary())
     if not val_examples:
         raise config_lib.ConfigError(
