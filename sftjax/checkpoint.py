@@ -1,25 +1,50 @@
-"""Orbax checkpoints: the train state, the data iterator and a JSON record in one atomic step.
+"""Orbax checkpoints: the train state and a JSON record in one atomic step, verified on restore.
 
-Owns what a checkpoint holds ({state, data_iter, meta}), which ones are kept (the newest
-`max_to_keep` plus the best by validation loss) and restoring them. Orbax writes each step to a
-temporary directory and renames it when complete, so a save interrupted by a kill is never
-restored. It does not decide when to save (train.py).
+Owns what a checkpoint holds ({state, meta}), which ones are kept (the newest `max_to_keep`
+plus the best by validation loss), restoring them and reading a workdir's best model back.
+Orbax writes each step to a temporary directory and renames it when complete, so a save
+interrupted by a kill is never restored. The directory may be a URL (`gs://…`): Orbax writes
+there itself.
+
+The record (JSON) carries the data iterator's position, early-stopping state, the config and a
+fingerprint of the state: per-leaf sums of the raw bits, modulo 2**32, exact and independent of
+the mesh. A restore that fails, or whose fingerprint differs, is moved aside and the previous
+checkpoint is tried. The iterator position is one index shared by every process, so a
+checkpoint restores onto any process count and any mesh with the same global batch.
+It does not decide when to save (loop.py).
 """
 
-import pathlib
+import logging
+import os
+import time
 
-import grain
 import jax
+import jax.numpy as jnp
+import ml_collections
+import numpy as np
 import orbax.checkpoint as ocp
+from flax import nnx
+from jax.experimental import multihost_utils
+from jax.sharding import NamedSharding, PartitionSpec
 from orbax.checkpoint import checkpoint_managers
+
+from sftjax import config as config_lib
+from sftjax import paths, sharding, train
+from sftjax.model import llama
+
+log = logging.getLogger("sftjax")
 
 VAL_LOSS = "val_loss"
 
 
-class Checkpointer:
-    """Latest-N + best-by-validation-loss checkpoints under `directory`."""
+class CheckpointError(RuntimeError):
+    """A checkpoint could not be written; the run stops, earlier checkpoints are intact."""
 
-    def __init__(self, directory: pathlib.Path, *, max_to_keep: int, async_save: bool = True):
+
+class Checkpointer:
+    """Latest-N + best-by-validation-loss checkpoints under `directory` (local or URL)."""
+
+    def __init__(self, directory, *, max_to_keep: int, async_save: bool = True):
         keep = checkpoint_managers.AnyPreservationPolicy(
             [
                 checkpoint_managers.LatestN(n=max_to_keep),
@@ -39,14 +64,18 @@ class Checkpointer:
             enable_async_checkpointing=async_save,
             cleanup_tmp_directories=True,
         )
-        self._manager = ocp.CheckpointManager(pathlib.Path(directory).absolute(), options=options)
+        self.directory = paths.resolve(directory)
+        self._manager = ocp.CheckpointManager(self.directory, options=options)
 
     def latest_step(self) -> int | None:
         return self._manager.latest_step()
 
+    def all_steps(self) -> list[int]:
+        return sorted(self._manager.all_steps())
+
     def best_step(self) -> int | None:
         """The step with the lowest validation loss among kept checkpoints (None: no eval yet)."""
-        steps_with_loss = [s for s in self._manager.all_steps() if self.val_loss(s) is not None]
+        steps_with_loss = [s for s in self.all_steps() if self.val_loss(s) is not None]
         if not steps_with_loss:
             return None
         return min(steps_with_loss, key=self.val_loss)
@@ -55,41 +84,166 @@ class Checkpointer:
         """The validation loss saved with `step`, if it was evaluated."""
         return (self._manager.metrics(step) or {}).get(VAL_LOSS)
 
-    def save(self, step: int, state, data_iter, meta: dict, val_loss: float | None) -> None:
-        """Queue an (async) save; `meta` is JSON (early stopping, config) for exact resume."""
+    def save(self, step: int, state, record: dict, val_loss: float | None) -> None:
+        """Queue an (async) save; `record` is JSON (iterator, early stopping, config).
+
+        Raises CheckpointError if this or an earlier background save failed (disk full, lost
+        permissions): the run must stop rather than go on without checkpoints.
+        """
+        record = {**record, "fingerprint": fingerprint(state)}
         args = ocp.args.Composite(
-            state=ocp.args.StandardSave(state),
-            data_iter=grain.checkpoint.CheckpointSave(data_iter),
-            meta=ocp.args.JsonSave(meta),
+            state=ocp.args.StandardSave(state), meta=ocp.args.JsonSave(record)
         )
         metrics = None if val_loss is None else {VAL_LOSS: float(val_loss)}
-        self._manager.save(step, args=args, metrics=metrics, force=True)
+        try:
+            self._manager.check_for_errors()
+            self._manager.save(step, args=args, metrics=metrics, force=True)
+        except Exception as e:  # Orbax wraps the cause several layers deep
+            raise CheckpointError(_save_failure(self.directory, step, e)) from e
 
-    def restore(self, step: int, abstract_state, data_iter=None):
-        """(state, data_iter, meta) of `step`; pass data_iter=None to restore only weights."""
-        items = {"state": ocp.args.StandardRestore(abstract_state), "meta": ocp.args.JsonRestore()}
-        if data_iter is not None:
-            items["data_iter"] = grain.checkpoint.CheckpointRestore(data_iter)
-        restored = self._manager.restore(step, args=ocp.args.Composite(**items))
-        return restored["state"], restored.get("data_iter") if data_iter else None, restored["meta"]
+    def check(self) -> None:
+        """Raise CheckpointError now if a background save has failed."""
+        try:
+            self._manager.check_for_errors()
+        except Exception as e:
+            raise CheckpointError(_save_failure(self.directory, None, e)) from e
 
-    def restore_meta(self, step: int) -> dict:
+    def restore(self, step: int, abstract_state):
+        """(state, record) of `step`, verified against the fingerprint saved with it."""
+        restored = self._manager.restore(
+            step,
+            args=ocp.args.Composite(
+                state=ocp.args.StandardRestore(abstract_state), meta=ocp.args.JsonRestore()
+            ),
+        )
+        state, record = restored["state"], restored["meta"]
+        saved = record.get("fingerprint")
+        if saved is not None and fingerprint(state) != saved:
+            raise ValueError("the restored arrays differ from the fingerprint saved with them")
+        return state, record
+
+    def restore_newest(self, abstract_state, *, steps: list[int] | None = None):
+        """(step, state, record) of the newest checkpoint that restores and verifies, or None.
+
+        A damaged checkpoint is moved to `<checkpoints>/../damaged_checkpoints/` with one
+        warning, never deleted, and the one before it is tried.
+        """
+        for step in reversed(self.all_steps() if steps is None else steps):
+            try:
+                state, record = self.restore(step, abstract_state)
+                ok, error = True, None
+            except Exception as e:  # any unreadable file, truncated array or bad JSON
+                ok, error = False, e
+            if _all_processes_agree(ok):
+                return step, state, record
+            self._set_aside(step, error)
+        return None
+
+    def restore_record(self, step: int) -> dict:
         """Only the JSON record of `step` (its config, early-stopping state)."""
-        return self._manager.restore(step, args=ocp.args.Composite(meta=ocp.args.JsonRestore()))[
-            "meta"
-        ]
+        args = ocp.args.Composite(meta=ocp.args.JsonRestore())
+        return self._manager.restore(step, args=args)["meta"]
+
+    def _set_aside(self, step: int, error: Exception | None) -> None:
+        aside = self.directory.parent / "damaged_checkpoints" / f"{step}-{int(time.time())}"
+        reason = f"{type(error).__name__}: {error}" if error else "damaged on another process"
+        log.warning(
+            "checkpoint step %d is damaged (%s); moved to %s, trying the one before",
+            step,
+            reason.splitlines()[0][:300],
+            aside,
+        )
+        if jax.process_index() == 0:
+            aside.parent.mkdir(parents=True, exist_ok=True)
+            (self.directory / str(step)).rename(aside)
+        multihost_utils.sync_global_devices(f"sftjax-set-aside-{step}")
+        self._manager.reload()
 
     def wait(self) -> None:
-        """Block until background saves are on disk."""
-        self._manager.wait_until_finished()
+        """Block until background saves are on disk (raises CheckpointError if one failed)."""
+        try:
+            self._manager.wait_until_finished()
+            self._manager.check_for_errors()
+        except Exception as e:
+            raise CheckpointError(_save_failure(self.directory, None, e)) from e
 
     def close(self) -> None:
-        self._manager.wait_until_finished()
+        self.wait()
         self._manager.close()
 
 
-def with_shardings(shapes, shardings):
-    """ShapeDtypeStructs of `shapes` carrying `shardings` (concrete mesh): restore targets."""
-    return jax.tree.map(
-        lambda a, s: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=s), shapes, shardings
+def _save_failure(directory, step: int | None, error: BaseException) -> str:
+    cause = error
+    while cause.__cause__ is not None or cause.__context__ is not None:
+        cause = cause.__cause__ or cause.__context__
+    at = f"step {step}" if step is not None else "a checkpoint"
+    return (
+        f"saving {at} under {directory} failed ({type(cause).__name__}: "
+        f"{str(cause).splitlines()[0] if str(cause) else ''}); earlier checkpoints are intact. "
+        "Free disk space or fix permissions, then rerun the same command to resume"
     )
+
+
+def _all_processes_agree(ok: bool) -> bool:
+    """True only if `ok` on every process (so all restore the same step or none does)."""
+    if jax.process_count() == 1:
+        return ok
+    return bool(np.all(multihost_utils.process_allgather(np.asarray(ok))))
+
+
+def _leaf_sums(leaves: list) -> jax.Array:
+    """[leaves, 3] uint32: Σbits, Σbits², all-finite, per leaf (wrapping sums: exact, any mesh)."""
+    rows = []
+    for x in leaves:
+        bits = jax.lax.bitcast_convert_type(x, _UINT[x.dtype.itemsize]).astype(jnp.uint32)
+        finite = jnp.all(jnp.isfinite(x)).astype(jnp.uint32)
+        rows.append(
+            jnp.stack([bits.sum(dtype=jnp.uint32), (bits * bits).sum(dtype=jnp.uint32), finite])
+        )
+    return jnp.stack(rows)
+
+
+_UINT = {1: jnp.uint8, 2: jnp.uint16, 4: jnp.uint32}
+
+
+def fingerprint(state) -> list[list[int]]:
+    """Per-leaf checksums of a (sharded) train state, computed on device: a cheap exact check."""
+    leaves = jax.tree.leaves(state)
+    replicated = NamedSharding(leaves[0].sharding.mesh, PartitionSpec())
+    sums = jax.jit(_leaf_sums, out_shardings=replicated)(leaves)
+    return np.asarray(jax.device_get(sums)).tolist()
+
+
+def is_finite(record_fingerprint: list[list[int]]) -> bool:
+    """Whether every floating leaf of a fingerprinted state was finite."""
+    return all(row[2] == 1 for row in record_fingerprint)
+
+
+def load_best(workdir, *, dtype: str | None = None) -> tuple[llama.Llama, str]:
+    """(best model, tokenizer dir) of a training workdir, from its Orbax checkpoints."""
+    workdir = paths.resolve(workdir)
+    ckpt = Checkpointer(workdir / "checkpoints", max_to_keep=1, async_save=False)
+    step = ckpt.best_step()
+    step = ckpt.latest_step() if step is None else step
+    if step is None:
+        raise FileNotFoundError(f"{workdir}/checkpoints holds no complete checkpoint")
+    config = ml_collections.ConfigDict(ckpt.restore_record(step)["config"])
+    if dtype:
+        config.model.dtype = dtype
+    cfg = config_lib.model_config(config.model)
+    mesh = sharding.make_mesh(config.mesh.data, config.mesh.fsdp, config.mesh.tensor)
+    tx, _ = train.make_optimizer(config.optim, 1)
+    graphdef, abstract_state = train.abstract_train_state(cfg, mesh, sharding_rules(config), tx)
+    found = ckpt.restore_newest(abstract_state, steps=[step])
+    ckpt.close()
+    if found is None:
+        raise FileNotFoundError(
+            f"{workdir}/checkpoints: the best checkpoint (step {step}) is damaged"
+        )
+    state = found[1]
+    return nnx.merge(graphdef, state.params), os.fspath(config.data.tokenizer)
+
+
+def sharding_rules(config) -> sharding.Rules:
+    """The config's logical-axis rules, or the defaults."""
+    return tuple(tuple(r) for r in config.mesh.rules) or sharding.DEFAULT_RULES

@@ -273,9 +273,9 @@ def define_flags() -> None:
 def _load(path: pathlib.Path, dtype: str) -> tuple[llama.Llama, pathlib.Path]:
     """(model, tokenizer dir) from a HF directory or a training workdir (best checkpoint)."""
     if (path / "checkpoints").is_dir():
-        from sftjax import loop  # the trainer's imports only when a workdir is given
+        from sftjax import checkpoint  # the trainer's imports only when a workdir is given
 
-        return loop.load_best(path, dtype=dtype)
+        return checkpoint.load_best(path, dtype=dtype)
     return hf_io.load_pretrained(path, dtype=dtype, param_dtype=dtype), path
 
 

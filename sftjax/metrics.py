@@ -7,9 +7,11 @@ Only process 0 writes; other processes get a writer that does nothing.
 import json
 import math
 import pathlib
+import tempfile
 
 import jax
 
+from sftjax import paths
 from sftjax.model import llama
 
 # Dense bf16 peak TFLOP/s per chip by `device_kind` prefix (vendor data sheets, no sparsity).
@@ -61,21 +63,29 @@ def mfu(tokens_per_s: float, flops_token: float, peak_per_device: float | None) 
 
 
 class MetricsWriter:
-    """Appends {"step", "split", ...} records to metrics.jsonl and TensorBoard (process 0 only)."""
+    """Appends {"step", "split", ...} records to metrics.jsonl and TensorBoard (process 0 only).
 
-    def __init__(self, workdir: pathlib.Path, *, resume_step: int = 0):
+    Object storage cannot append, so for a remote workdir (gs://) the files live in a local
+    directory and `sync()` copies them up (the loop calls it after every checkpoint save).
+    """
+
+    def __init__(self, workdir, *, resume_step: int = 0):
         self.enabled = jax.process_index() == 0
-        self.path = pathlib.Path(workdir) / "metrics.jsonl"
+        self.workdir = paths.resolve(workdir)
+        self._remote = paths.is_remote(self.workdir)
         self._tb = None
         if not self.enabled:
             return
-        self.path.parent.mkdir(parents=True, exist_ok=True)
+        local = tempfile.mkdtemp(prefix="sftjax-metrics-") if self._remote else self.workdir
+        self.local_dir = pathlib.Path(local)
+        self.local_dir.mkdir(parents=True, exist_ok=True)
+        self.path = self.local_dir / "metrics.jsonl"
+        if self._remote and (self.workdir / "metrics.jsonl").exists():
+            (self.workdir / "metrics.jsonl").copy(paths.Path(self.path), overwrite=True)
         _drop_records_after(self.path, resume_step)
         from tensorboardX import SummaryWriter
 
-        self._tb = SummaryWriter(
-            str(pathlib.Path(workdir) / "tensorboard"), purge_step=resume_step + 1
-        )
+        self._tb = SummaryWriter(str(self.local_dir / "tensorboard"), purge_step=resume_step + 1)
 
     def write(self, step: int, split: str, values: dict) -> None:
         if not self.enabled:
@@ -90,9 +100,23 @@ class MetricsWriter:
                 self._tb.add_text(f"{split}/{key}", value, step)
         self._tb.flush()
 
+    def plot(self, best_step: int | None) -> None:
+        """loss.png beside metrics.jsonl: train vs validation, the best step marked."""
+        if self.enabled:
+            plot_losses(self.path, self.local_dir / "loss.png", best_step)
+            self.sync()
+
+    def sync(self) -> None:
+        """Copy the local files to a remote workdir (no-op for a local one)."""
+        if self.enabled and self._remote:
+            self._tb.flush()
+            paths.upload_tree(self.local_dir, self.workdir)
+
     def close(self) -> None:
         if self._tb is not None:
             self._tb.close()
+            self.sync()
+            self._tb = None
 
 
 def _drop_records_after(path: pathlib.Path, step: int) -> None:

@@ -19,6 +19,7 @@ from flax import nnx
 from jax.sharding import NamedSharding, PartitionSpec
 
 from sftjax import sharding
+from sftjax.model import llama
 
 BATCH_KEYS = ("tokens", "targets", "loss_mask", "segment_ids", "positions")
 
@@ -165,6 +166,31 @@ def state_shardings_for(param_shardings: dict, abstract_params: dict, tx) -> Tra
     )
     return TrainState(
         step=replicated, params=param_shardings, opt_state=opt_shardings, rng=replicated
+    )
+
+
+def abstract_train_state(cfg: llama.LlamaConfig, mesh, rules, tx):
+    """(graphdef, TrainState of ShapeDtypeStructs carrying their concrete shardings): no memory.
+
+    The restore target of a checkpoint and the input spec of the jitted step; the mesh may
+    differ from the one the checkpoint was written on (Orbax reshards on restore).
+    """
+    graphdef, abstract_params = nnx.split(llama.abstract(cfg, mesh, rules))
+    param_shardings = nnx.to_pure_dict(sharding.state_shardings(abstract_params, mesh, rules))
+    abstract_params = _with_shardings(nnx.to_pure_dict(abstract_params), param_shardings)
+    shardings = state_shardings_for(param_shardings, abstract_params, tx)
+    shapes = jax.eval_shape(
+        lambda: TrainState(
+            jnp.int32(0), abstract_params, tx.init(abstract_params), jax.random.PRNGKey(0)
+        )
+    )
+    return graphdef, _with_shardings(shapes, shardings)
+
+
+def _with_shardings(shapes, shardings):
+    """ShapeDtypeStructs of `shapes` carrying `shardings` (concrete mesh): restore targets."""
+    return jax.tree.map(
+        lambda a, s: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=s), shapes, shardings
     )
 
 

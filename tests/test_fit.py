@@ -16,8 +16,8 @@ from flax import nnx
 from hf_fixtures import our_logits
 from train_fixtures import ROOT, base_config, demo_corpus
 
+from sftjax import checkpoint, loop, metrics, sharding, train
 from sftjax import config as config_lib
-from sftjax import loop, metrics, sharding, train
 from sftjax.data import pipeline, records, tokenize
 from sftjax.model import hf_io
 
@@ -128,8 +128,8 @@ def test_overfitting_run_stops_early_and_restores_best(corpus, tmp_path):
     assert summary["split"] == "summary" and summary["best_step"] == best_step
 
     # A workdir is a checkpoint for generation too: its best parameters, without the export.
-    from_workdir, tokenizer_dir = loop.load_best(tmp_path, dtype="float32")
-    assert tokenizer_dir == corpus[2]
+    from_workdir, tokenizer_dir = checkpoint.load_best(tmp_path, dtype="float32")
+    assert tokenizer_dir == str(corpus[2])
     np.testing.assert_array_equal(
         our_logits(from_workdir, tokens), our_logits(result.model, tokens)
     )
