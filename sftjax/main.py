@@ -3,7 +3,7 @@
 Turns flags into `loop.fit(config, workdir)`; everything else lives below. Config overrides
 use ml_collections syntax: `--config.optim.lr=1e-5 --config.data.train_files=data/*.jsonl`.
 Exit codes: 0 done (also after SIGTERM with a checkpoint saved), 2 bad config or bad data,
-3 diverged (non-finite loss).
+3 diverged (non-finite loss), 4 a checkpoint could not be written, 130 Ctrl-C twice.
 """
 
 import logging
@@ -13,8 +13,8 @@ import jax
 from absl import app, flags
 from ml_collections import config_flags
 
+from sftjax import checkpoint, loop
 from sftjax import config as config_lib
-from sftjax import loop
 from sftjax.data import records
 
 _CONFIG = config_flags.DEFINE_config_file(
@@ -47,6 +47,15 @@ def main(argv: list[str]) -> None:
     except loop.TrainingDiverged as e:
         print(f"error: {e}", file=sys.stderr)
         sys.exit(3)
+    except checkpoint.CheckpointError as e:
+        print(f"error: {e}", file=sys.stderr)
+        sys.exit(4)
+    except KeyboardInterrupt:
+        print("interrupted before a checkpoint could be saved", file=sys.stderr)
+        sys.exit(130)
+    if result.stop_reason == "preempted":
+        print(f"preempted: saved step {result.last_step}; rerun the same command to resume")
+        return
     print(
         f"{result.stop_reason} at step {result.last_step}; best step {result.best_step} "
         f"(validation loss {result.best_val_loss:.4f}); export: {result.export_dir}"

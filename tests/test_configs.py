@@ -13,7 +13,6 @@ import json
 import math
 import os
 import shlex
-import socket
 import subprocess
 import sys
 import time
@@ -26,6 +25,7 @@ import pytest
 from absl import flags
 from flax import nnx
 from ml_collections import config_flags
+from multihost_fixtures import slurm_env
 from train_fixtures import ROOT, base_config, random_examples, tiny_trainer
 
 from sftjax import config as config_lib
@@ -278,29 +278,10 @@ jax.distributed.shutdown()
 """
 
 
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("localhost", 0))
-        return s.getsockname()[1]
-
-
 def test_two_processes_train_step_equals_one_process(tmp_path):
     script = tmp_path / "worker.py"
     script.write_text(WORKER)
-    env = dict(os.environ)
-    xla_flags = [f for f in env.get("XLA_FLAGS", "").split() if "device_count" not in f]
-    env["XLA_FLAGS"] = " ".join([*xla_flags, "--xla_force_host_platform_device_count=2"])
-    env["PYTHONPATH"] = os.pathsep.join([str(ROOT), str(ROOT / "tests"), env.get("PYTHONPATH", "")])
-    # What srun sets for `--nodes=2 --ntasks-per-node=1` (both "nodes" are this machine), plus
-    # the two variables launch/slurm.sbatch exports. JAX's SLURM detection reads these.
-    env.update(
-        SLURM_JOB_ID="4242",
-        SLURM_STEP_NODELIST="localhost",
-        SLURM_NTASKS="2",
-        SLURM_LOCALID="0",
-        JAX_COORDINATOR_PORT=str(free_port()),
-        JAX_LOCAL_DEVICE_IDS="0,1",
-    )
+    envs = slurm_env(2, 2, extra_paths=[ROOT, ROOT / "tests"])
     logs = [tmp_path / f"worker{pid}.log" for pid in range(2)]
     workers = []
     deadline = time.monotonic() + 60  # a hang (e.g. in jax.distributed) must not block CI
@@ -310,7 +291,7 @@ def test_two_processes_train_step_equals_one_process(tmp_path):
                 workers.append(
                     subprocess.Popen(
                         [sys.executable, str(script), str(tmp_path / f"out{pid}.json")],
-                        env={**env, "SLURM_PROCID": str(pid)},
+                        env=envs[pid],
                         stdout=out,
                         stderr=subprocess.STDOUT,
                     )

@@ -1,0 +1,221 @@
+"""Pod behaviour on one CPU box: preemption agreed across processes, restore onto another slice.
+
+Owns: SIGTERM reaching one of two `--multihost` processes (jax.distributed over gloo) makes both
+save the same step and exit 0, and the same command resumes to the losses of a run that was
+never interrupted; Ctrl-C on a single process saves and resumes bit-identically; a checkpoint
+written by 2 processes on 4 devices restores in 1 process on 8 devices as fsdp 4 x tensor 2,
+and one written on 8 devices restores on 4.
+"""
+
+import json
+import shutil
+import signal
+import subprocess
+import sys
+import time
+
+import numpy as np
+import pytest
+from multihost_fixtures import device_env, slurm_env
+from train_fixtures import ROOT, base_config, demo_corpus
+
+from sftjax import loop, metrics
+
+STEPS = 16
+
+
+@pytest.fixture(scope="module")
+def corpus(tmp_path_factory):
+    return demo_corpus(tmp_path_factory.mktemp("corpus"), n_train=200, n_val=40)
+
+
+def settings(corpus, **extra) -> dict:
+    train, val, tok_dir, vocab = corpus
+    values = {
+        "data.train_files": str(train),
+        "data.validation_files": str(val),
+        "data.tokenizer": str(tok_dir),
+        "data.seq_len": 128,
+        "data.num_epochs": 20,
+        "model.preset": "tiny",
+        "model.vocab_size": vocab,
+        "model.dtype": "float32",
+        "train.batch_size": 8,
+        "train.num_steps": STEPS,
+        "train.log_every_steps": 1,
+        "eval.every_steps": 4,
+        "eval.batch_size": 8,
+        "eval.patience": 100,
+        "optim.lr": 3e-3,
+        "optim.warmup_ratio": 0.0,
+        "checkpoint.max_to_keep": 10,
+        "checkpoint.export_hf": False,
+    }
+    return {**values, **extra}
+
+
+def command(corpus, workdir, *, multihost: bool = False, **extra) -> list[str]:
+    flags = [f"--config.{k}={v}" for k, v in settings(corpus, **extra).items()]
+    return [
+        sys.executable,
+        "-m",
+        "sftjax.main",
+        f"--config={ROOT / 'configs/base.py'}",
+        f"--workdir={workdir}",
+        *(["--multihost"] if multihost else []),
+        *flags,
+    ]
+
+
+def train_losses(workdir) -> dict[int, float]:
+    return {
+        r["step"]: r["loss"]
+        for r in metrics.read_records(workdir / "metrics.jsonl")
+        if r["split"] == "train"
+    }
+
+
+def wait_for_step(workdir, step: int, processes, timeout: float = 240) -> None:
+    deadline = time.time() + timeout
+    while time.time() < deadline:
+        for p in processes:
+            assert p.poll() is None, p.communicate()[0]
+        if (workdir / "metrics.jsonl").exists() and max(train_losses(workdir) or [0]) >= step:
+            return
+        time.sleep(0.05)
+    raise TimeoutError(f"step {step} not reached")
+
+
+def saved_steps(workdir) -> list[int]:
+    return sorted(int(p.name) for p in (workdir / "checkpoints").iterdir() if p.name.isdigit())
+
+
+@pytest.fixture(scope="module")
+def reference(corpus, tmp_path_factory):
+    """Losses of an uninterrupted run: one process, 8 devices (fsdp 8), every checkpoint kept."""
+    workdir = tmp_path_factory.mktemp("reference")
+    config = base_config()
+    for dotted, value in settings(corpus).items():
+        section, key = dotted.split(".")
+        config[section][key] = value
+    result = loop.fit(config, workdir)
+    assert result.stop_reason == "completed" and result.last_step == STEPS
+    return workdir, train_losses(workdir)
+
+
+def assert_losses_match(workdir, expected: dict, *, exact: bool = False) -> None:
+    got = train_losses(workdir)
+    assert sorted(got) == sorted(expected) == list(range(1, STEPS + 1))
+    got_, expected_ = [got[s] for s in sorted(got)], [expected[s] for s in sorted(got)]
+    if exact:
+        np.testing.assert_array_equal(got_, expected_)
+    else:  # another mesh sums in another order
+        np.testing.assert_allclose(got_, expected_, rtol=1e-5)
+
+
+def start_pod(corpus, workdir, logs_dir, num_processes: int = 2) -> list[subprocess.Popen]:
+    processes = []
+    for pid, env in enumerate(slurm_env(num_processes, 2)):
+        log = open(logs_dir / f"process{pid}.log", "w")  # noqa: SIM115 (closed with the test)
+        processes.append(
+            subprocess.Popen(
+                command(corpus, workdir, multihost=True),
+                env=env,
+                cwd=ROOT,
+                stdout=log,
+                stderr=subprocess.STDOUT,
+            )
+        )
+    return processes
+
+
+def finish(processes, timeout: float) -> None:
+    deadline = time.monotonic() + timeout
+    try:
+        for p in processes:
+            p.wait(timeout=max(deadline - time.monotonic(), 1))
+    finally:
+        for p in processes:
+            if p.poll() is None:
+                p.kill()
+                p.wait()
+
+
+@pytest.mark.slow
+def test_sigterm_on_one_host_stops_all_at_one_step_and_resumes(corpus, reference, tmp_path):
+    workdir = tmp_path / "pod"
+    pod = start_pod(corpus, workdir, tmp_path)
+    wait_for_step(workdir, 6, pod)
+    pod[1].send_signal(signal.SIGTERM)  # a maintenance notice reaches one host only
+    started = time.monotonic()
+    finish(pod, timeout=60)
+    logs = [(tmp_path / f"process{pid}.log").read_text() for pid in range(2)]
+    assert [p.returncode for p in pod] == [0, 0], "\n\n".join(log[-3000:] for log in logs)
+    assert time.monotonic() - started < 60
+    saved = saved_steps(workdir)[-1]
+    assert 6 <= saved < STEPS
+    for log in logs:  # both processes stopped at the same step and say how to go on
+        assert f"saved step {saved}; rerun the same command to resume" in log
+
+    moved = tmp_path / "moved"
+    shutil.copytree(workdir, moved)
+
+    # The same command resumes to the end with the losses of the uninterrupted run.
+    pod = start_pod(corpus, workdir, tmp_path)
+    finish(pod, timeout=240)
+    log = (tmp_path / "process0.log").read_text()
+    assert [p.returncode for p in pod] == [0, 0], log[-3000:]
+    assert f"resumed from step {saved}" in log
+    assert_losses_match(workdir, reference[1])
+
+    # Restore onto another slice: 2 processes x 2 devices (fsdp 4) -> 1 process x 8 devices as
+    # fsdp 4 x tensor 2, same global batch.
+    config = base_config()
+    for dotted, value in settings(corpus, **{"mesh.fsdp": 4, "mesh.tensor": 2}).items():
+        section, key = dotted.split(".")
+        config[section][key] = value
+    result = loop.fit(config, moved)
+    assert result.stop_reason == "completed"
+    assert_losses_match(moved, reference[1])
+
+
+@pytest.mark.slow
+def test_checkpoint_from_8_devices_resumes_on_4(corpus, reference, tmp_path):
+    workdir = tmp_path / "moved"
+    shutil.copytree(reference[0], workdir)
+    for step in saved_steps(workdir):
+        if step > 8:
+            shutil.rmtree(workdir / "checkpoints" / str(step))
+    env = device_env(4)
+    done = subprocess.run(
+        command(corpus, workdir), env=env, cwd=ROOT, capture_output=True, text=True, timeout=300
+    )
+    assert done.returncode == 0, done.stderr[-3000:]
+    assert "resumed from step 8" in done.stderr
+    assert_losses_match(workdir, reference[1])
+
+
+@pytest.mark.slow
+def test_ctrl_c_saves_exits_0_and_resumes_identically(corpus, reference, tmp_path):
+    workdir = tmp_path / "run"
+    env = device_env(8)
+    first = subprocess.Popen(
+        command(corpus, workdir),
+        env=env,
+        cwd=ROOT,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.STDOUT,
+    )
+    wait_for_step(workdir, 6, [first])
+    first.send_signal(signal.SIGINT)
+    output = first.communicate(timeout=120)[0].decode()
+    assert first.returncode == 0, output[-3000:]
+    saved = saved_steps(workdir)[-1]
+    assert 6 <= saved < STEPS and f"saved step {saved}" in output
+    assert "Traceback" not in output
+
+    done = subprocess.run(command(corpus, workdir), env=env, cwd=ROOT, capture_output=True)
+    assert done.returncode == 0, done.stderr.decode()[-3000:]
+    assert_losses_match(workdir, reference[1], exact=True)
+    meta = json.loads((workdir / "checkpoints" / str(STEPS) / "meta" / "metadata").read_text())
+    assert meta["data_iter"] == {"next_index": STEPS}
