@@ -219,3 +219,66 @@ def test_ctrl_c_saves_exits_0_and_resumes_identically(corpus, reference, tmp_pat
     assert_losses_match(workdir, reference[1], exact=True)
     meta = json.loads((workdir / "checkpoints" / str(STEPS) / "meta" / "metadata").read_text())
     assert meta["data_iter"] == {"next_index": STEPS}
+
+
+LOADER = """
+import json, sys
+import jax
+
+jax.distributed.initialize()
+from sftjax import checkpoint, sharding
+from sftjax.model import hf_io
+
+stats = hf_io.LoadStats()
+model = hf_io.load_pretrained(sys.argv[1], mesh=sharding.make_mesh(), stats=stats, dtype="float32")
+from flax import nnx
+
+print(json.dumps({"read": stats.bytes_read, "total": stats.bytes_total,
+                  "fingerprint": checkpoint.fingerprint(nnx.to_pure_dict(nnx.state(model)))}))
+jax.distributed.shutdown()
+"""
+
+
+def test_each_host_reads_only_its_slices_of_the_hf_weights(tmp_path):
+    import jax
+    from flax import nnx
+    from hf_fixtures import make_hf_llama
+
+    from sftjax import checkpoint, sharding
+    from sftjax.model import hf_io
+
+    make_hf_llama(tmp_path / "hf", hidden_size=128, intermediate_size=256, vocab_size=512)
+    script = tmp_path / "load.py"
+    script.write_text(LOADER)
+    envs = slurm_env(2, 2, extra_paths=[ROOT])
+    pod = [
+        subprocess.Popen(
+            [sys.executable, str(script), str(tmp_path / "hf")],
+            env=env,
+            stdout=subprocess.PIPE,
+            stderr=subprocess.STDOUT,
+            text=True,
+        )
+        for env in envs
+    ]
+    # The same fsdp-4 mesh in one process, on 4 of this process's devices.
+    single_stats = hf_io.LoadStats()
+    single = hf_io.load_pretrained(
+        tmp_path / "hf",
+        mesh=sharding.make_mesh(devices=jax.devices()[:4]),
+        stats=single_stats,
+        dtype="float32",
+    )
+    outputs = [p.communicate(timeout=120)[0] for p in pod]
+    assert [p.returncode for p in pod] == [0, 0], outputs
+    hosts = [json.loads(out.strip().splitlines()[-1]) for out in outputs]
+
+    # Together the two hosts hold exactly the model the single process loaded...
+    expected = checkpoint.fingerprint(nnx.to_pure_dict(nnx.state(single)))
+    assert hosts[0]["fingerprint"] == hosts[1]["fingerprint"] == expected
+    # ...while each read about half the bytes (the small norms are replicated, read by both).
+    assert single_stats.bytes_read == single_stats.bytes_total
+    for host in hosts:
+        assert host["total"] == single_stats.bytes_total
+        assert host["read"] / host["total"] < 0.55, host["read"] / host["total"]
+    print("bytes read per host / whole:", [h["read"] / h["total"] for h in hosts])

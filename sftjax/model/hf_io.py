@@ -8,22 +8,28 @@ renamed at the end, so an interrupted export never leaves a half-written model b
 Pickle (`.bin`) checkpoints are refused: they can execute code when loaded.
 """
 
+import dataclasses
+import functools
 import json
+import logging
 import math
 import os
 import pathlib
 import shutil
+import struct
 from collections.abc import Callable
 
 import jax
 import jax.numpy as jnp
+import ml_dtypes
 import numpy as np
 import safetensors
 import safetensors.numpy
+from etils import epath
 from flax import nnx
 from jax.experimental import multihost_utils
 
-from sftjax import sharding
+from sftjax import paths, sharding
 from sftjax.model import llama
 
 Transform = tuple[Callable, Callable]  # (hf -> ours, ours -> hf); second arg: head_dim
@@ -67,6 +73,7 @@ TOKENIZER_FILES = (
     "chat_template.jinja",
 )
 MAX_SHARD_BYTES = 5 * 1024**3
+log = logging.getLogger("sftjax")
 
 
 class CheckpointError(ValueError):
@@ -138,7 +145,7 @@ def _expected_keys(cfg: llama.LlamaConfig):
             yield name.format(i=i), path, transform, i
 
 
-def _weight_files(directory: pathlib.Path) -> dict[str, pathlib.Path]:
+def _weight_files(directory: epath.Path) -> dict[str, epath.Path]:
     """HF tensor name -> safetensors file holding it (single file or sharded with an index)."""
     index = directory / "model.safetensors.index.json"
     if index.exists():
@@ -146,8 +153,7 @@ def _weight_files(directory: pathlib.Path) -> dict[str, pathlib.Path]:
         return {name: directory / file for name, file in weight_map.items()}
     single = directory / "model.safetensors"
     if single.exists():
-        with safetensors.safe_open(str(single), framework="numpy") as f:
-            return {name: single for name in f.keys()}
+        return {name: single for name in _SafetensorsFile(single).names()}
     if list(directory.glob("*.bin")) or list(directory.glob("*.pt")):
         raise CheckpointError(
             f"{directory} holds only pickle weights (*.bin/*.pt), which sftjax refuses to load "
@@ -159,7 +165,7 @@ def _weight_files(directory: pathlib.Path) -> dict[str, pathlib.Path]:
 
 def read_config(path: str | os.PathLike, **overrides) -> llama.LlamaConfig:
     """The LlamaConfig of a HF directory, with our own fields (dtype, scan_layers...) overridden."""
-    directory = pathlib.Path(path)
+    directory = paths.resolve(path)
     if not directory.is_dir():
         raise CheckpointError(f"{directory}: no such directory")
     config_file = directory / "config.json"
@@ -168,19 +174,32 @@ def read_config(path: str | os.PathLike, **overrides) -> llama.LlamaConfig:
     return config_from_hf(json.loads(config_file.read_text()), **overrides)
 
 
+@dataclasses.dataclass
+class LoadStats:
+    """What one process read: the bytes of the tensor slices its devices hold, of the total."""
+
+    bytes_read: int = 0
+    bytes_total: int = 0
+
+
 def load_pretrained(
     path: str | os.PathLike,
     *,
     mesh: jax.sharding.Mesh | None = None,
     rules: sharding.Rules = sharding.DEFAULT_RULES,
+    stats: LoadStats | None = None,
     **overrides,
 ) -> llama.Llama:
-    """A HF Llama directory -> Llama, each tensor read alone and placed in its sharding.
+    """A HF Llama directory (local or gs://) -> Llama, each process reading only its slices.
 
+    Every tensor is placed straight into its sharding: for each of this process's devices the
+    matching slice is mapped back through the layout transform to a slice of the HF tensor,
+    and only that is read (a memory-mapped slice locally; the byte span covering it from
+    object storage). Nothing is ever whole on one host unless its sharding says so.
     `overrides` set our own LlamaConfig fields, e.g. param_dtype="bfloat16", scan_layers=True.
-    Without a mesh, the model lives on one device.
+    Without a mesh, the model lives on one device. `stats` (optional) receives the byte counts.
     """
-    directory = pathlib.Path(path)
+    directory = paths.resolve(path)
     cfg = read_config(directory, **overrides)
     files = _weight_files(directory)
     mesh = mesh if mesh is not None else sharding.make_mesh(devices=jax.devices()[:1])
@@ -204,41 +223,162 @@ def load_pretrained(
     if missing:
         raise CheckpointError(f"{directory}: missing tensor {missing[0]} ({len(missing)} missing)")
 
+    stats = stats if stats is not None else LoadStats()
+    readers = {file: _SafetensorsFile(file) for file in sorted(set(files.values()), key=str)}
     loaded: dict = {}
     stacked_pieces: dict = {}
-    open_files: dict = {}
-    try:
-        for name, path_in_model, (to_ours, _), layer in _expected_keys(cfg):
-            file = files[name]
-            if file not in open_files:
-                open_files[file] = safetensors.safe_open(str(file), framework="numpy").__enter__()
-            hf_tensor = open_files[file].get_tensor(name)
-            full_path = _model_path(cfg, path_in_model, layer)
-            target = _get(targets, full_path)
-            target_sharding = _get(shardings, full_path)
-            value = to_ours(hf_tensor, cfg.head_dim)
-            want = target.shape[1:] if cfg.scan_layers and layer is not None else target.shape
-            if value.shape != tuple(want):
-                raise CheckpointError(
-                    f"{name}: checkpoint shape {tuple(hf_tensor.shape)} gives {value.shape} but "
-                    f"the config expects {tuple(want)}"
-                )
-            value = np.asarray(value, dtype=target.dtype)
-            if cfg.scan_layers and layer is not None:
-                spec = jax.sharding.PartitionSpec(*target_sharding.spec[1:])
-                layer_sharding = jax.sharding.NamedSharding(mesh, spec)
-                stacked_pieces.setdefault(full_path, []).append(_place(value, layer_sharding))
-                if len(stacked_pieces[full_path]) == cfg.num_layers:
-                    pieces = stacked_pieces.pop(full_path)
-                    stack = jax.jit(lambda *xs: jnp.stack(xs), out_shardings=target_sharding)
-                    _set(loaded, full_path, stack(*pieces))
-            else:
-                _set(loaded, full_path, _place(value, target_sharding))
-    finally:
-        for handle in open_files.values():
-            handle.__exit__(None, None, None)
+    for name, path_in_model, transform, layer in _expected_keys(cfg):
+        reader = readers[files[name]]
+        full_path = _model_path(cfg, path_in_model, layer)
+        target = _get(targets, full_path)
+        target_sharding = _get(shardings, full_path)
+        stacked = cfg.scan_layers and layer is not None
+        want = tuple(target.shape[1:] if stacked else target.shape)
+        hf_shape = reader.shape(name)
+        ours = jax.eval_shape(functools.partial(transform[0], h=cfg.head_dim), _spec(hf_shape))
+        if ours.shape != want:
+            raise CheckpointError(
+                f"{name}: checkpoint shape {hf_shape} gives {ours.shape} but the config "
+                f"expects {want}"
+            )
+        stats.bytes_total += math.prod(hf_shape) * reader.itemsize(name)
+        if stacked:
+            spec = jax.sharding.PartitionSpec(*target_sharding.spec[1:])
+            piece_sharding = jax.sharding.NamedSharding(mesh, spec)
+        else:
+            piece_sharding = target_sharding
+        piece = _read_placed(
+            reader, name, transform, cfg.head_dim, want, target.dtype, piece_sharding, stats
+        )
+        if stacked:
+            stacked_pieces.setdefault(full_path, []).append(piece)
+            if len(stacked_pieces[full_path]) == cfg.num_layers:
+                pieces = stacked_pieces.pop(full_path)
+                stack = jax.jit(lambda *xs: jnp.stack(xs), out_shardings=target_sharding)
+                _set(loaded, full_path, stack(*pieces))
+        else:
+            _set(loaded, full_path, piece)
+    for reader in readers.values():
+        reader.close()
+    log.info(
+        "read %.1f MiB of %.1f MiB of weights on process %d",
+        stats.bytes_read / 2**20,
+        stats.bytes_total / 2**20,
+        jax.process_index(),
+    )
     nnx.replace_by_pure_dict(abstract_state, loaded)
     return nnx.merge(graphdef, abstract_state)
+
+
+def _spec(shape) -> jax.ShapeDtypeStruct:
+    return jax.ShapeDtypeStruct(shape, jnp.float32)
+
+
+def _read_placed(reader, name, transform, head_dim, shape, dtype, target, stats) -> jax.Array:
+    """The global array of one tensor in our layout; each device's slice read on its own."""
+    hf_index_of = _HF_INDEX[transform]
+    cache: dict = {}
+
+    def read(index: tuple) -> np.ndarray:
+        index = tuple(slice(*s.indices(n)) for s, n in zip(index, shape, strict=True))
+        key = tuple((s.start, s.stop) for s in index)
+        if key not in cache:  # devices that replicate a slice share one read
+            hf_slice = reader.read(name, hf_index_of(index, head_dim), stats)
+            cache[key] = np.asarray(transform[0](hf_slice, head_dim), dtype=dtype)
+        return cache[key]
+
+    return jax.make_array_from_callback(shape, target, read)
+
+
+def _heads_rows(heads: slice, head_dim: int) -> slice:
+    return slice(heads.start * head_dim, heads.stop * head_dim)
+
+
+# Our slice -> the HF slice it comes from, per transform (head_dim is never sharded).
+_HF_INDEX = {
+    _COPY: lambda index, h: index,
+    _LINEAR: lambda index, h: (index[1], index[0]),
+    _IN_HEADS: lambda index, h: (_heads_rows(index[1], h), index[0]),  # [D,N,H] <- [N*H, D]
+    _OUT_HEADS: lambda index, h: (index[2], _heads_rows(index[0], h)),  # [N,H,D] <- [D, N*H]
+}
+
+
+class _SafetensorsFile:
+    """Reads slices of tensors in one .safetensors file, local (memory-mapped) or remote.
+
+    Locally, safetensors' own `get_slice` maps the file and copies only the slice. From object
+    storage, the header is parsed here (8-byte length, JSON of dtype / shape / byte offsets)
+    and the byte span covering the slice is fetched with one ranged read.
+    """
+
+    def __init__(self, path: epath.Path):
+        self.path = path
+        self._remote = paths.is_remote(path)
+        if self._remote:
+            with path.open("rb") as f:
+                (length,) = struct.unpack("<Q", f.read(8))
+                self._header = json.loads(f.read(length))
+            self._data_start = 8 + length
+            self._header.pop("__metadata__", None)
+            self._file = None
+        else:
+            self._file = safetensors.safe_open(os.fspath(path), framework="numpy")
+            self._handle = self._file.__enter__()
+
+    def names(self) -> list[str]:
+        return list(self._header) if self._remote else list(self._handle.keys())
+
+    def shape(self, name: str) -> tuple[int, ...]:
+        if self._remote:
+            return tuple(self._header[name]["shape"])
+        return tuple(self._handle.get_slice(name).get_shape())
+
+    def itemsize(self, name: str) -> int:
+        dtype = (
+            self._header[name]["dtype"]
+            if self._remote
+            else self._handle.get_slice(name).get_dtype()
+        )
+        return _DTYPES[dtype].itemsize
+
+    def read(self, name: str, index: tuple, stats: LoadStats) -> np.ndarray:
+        """The tensor's [index] (a tuple of unit-step slices over its leading axes)."""
+        shape = self.shape(name)
+        index = tuple(slice(*s.indices(n)) for s, n in zip(index, shape, strict=False))
+        index += tuple(slice(0, n) for n in shape[len(index) :])
+        if not self._remote:
+            value = self._handle.get_slice(name)[index]
+            stats.bytes_read += value.nbytes
+            return value
+        info = self._header[name]
+        dtype = _DTYPES[info["dtype"]]
+        strides = [math.prod(shape[i + 1 :]) for i in range(len(shape))]
+        first = sum(s.start * st for s, st in zip(index, strides, strict=True))
+        last = sum((s.stop - 1) * st for s, st in zip(index, strides, strict=True))
+        with self.path.open("rb") as f:
+            f.seek(self._data_start + info["data_offsets"][0] + first * dtype.itemsize)
+            span = np.frombuffer(f.read((last - first + 1) * dtype.itemsize), dtype=dtype)
+        stats.bytes_read += span.nbytes
+        view = np.lib.stride_tricks.as_strided(
+            span,
+            shape=tuple(s.stop - s.start for s in index),
+            strides=tuple(st * dtype.itemsize for st in strides),
+        )
+        return view.copy()
+
+    def close(self) -> None:
+        if self._file is not None:
+            self._file.__exit__(None, None, None)
+
+
+_DTYPES = {
+    "F64": np.dtype(np.float64),
+    "F32": np.dtype(np.float32),
+    "F16": np.dtype(np.float16),
+    "BF16": np.dtype(ml_dtypes.bfloat16),
+    "I64": np.dtype(np.int64),
+    "I32": np.dtype(np.int32),
+}
 
 
 def _model_path(cfg: llama.LlamaConfig, path: tuple, layer: int | None) -> tuple:
@@ -257,11 +397,6 @@ def _set(tree: dict, path: tuple, value) -> None:
     for key in path[:-1]:
         tree = tree.setdefault(key, {})
     tree[path[-1]] = value
-
-
-def _place(value: np.ndarray, target: jax.sharding.Sharding) -> jax.Array:
-    """Host array -> global array; each device gets only its slice (works multi-host)."""
-    return jax.make_array_from_callback(value.shape, target, lambda index: value[index])
 
 
 def _to_host(x: jax.Array) -> np.ndarray:
