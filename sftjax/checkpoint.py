@@ -66,6 +66,29 @@ class Checkpointer:
         )
         self.directory = paths.resolve(directory)
         self._manager = ocp.CheckpointManager(self.directory, options=options)
+        self._remove_unfinished()
+
+    def _remove_unfinished(self) -> None:
+        """Delete step directories a killed save left unfinished, before a step is saved again.
+
+        On a local disk Orbax writes into a temporary name and renames at the end. Object
+        storage has no rename: an unfinished step lives under its final name, without Orbax's
+        commit marker, and saving that step again would write into its leftovers.
+        """
+        if not self.directory.exists():
+            return
+        finished = set(self.all_steps())
+        unfinished = [
+            p for p in self.directory.iterdir() if p.name.isdigit() and int(p.name) not in finished
+        ]
+        if unfinished and jax.process_index() == 0:
+            for step_dir in unfinished:
+                log.warning(
+                    "removing unfinished checkpoint %s (its save was interrupted)", step_dir
+                )
+                paths.remove_tree(step_dir)
+        if unfinished:
+            multihost_utils.sync_global_devices("sftjax-remove-unfinished")
 
     def latest_step(self) -> int | None:
         return self._manager.latest_step()

@@ -5,12 +5,9 @@ once, one line each, saying how to fix it. `model_config(config.model)` is the o
 config becomes a `LlamaConfig`.
 """
 
-import glob
-import pathlib
-
 import ml_collections
 
-from sftjax import sharding
+from sftjax import paths, sharding
 from sftjax.model import hf_io, llama
 
 CHOICES = {
@@ -81,14 +78,14 @@ def validate(config: ml_collections.ConfigDict, num_devices: int, num_processes:
 
     for key in ("data.train_files", "data.validation_files"):
         spec = _get(config, key)
-        missing = [p for p in str(spec).split(",") if p.strip() and not glob.glob(p.strip())]
+        missing = [e for e in str(spec).split(",") if e.strip() and not _matches(e.strip())]
         if key == "data.train_files" and not spec:
             missing = ["(empty)"]
         if missing:
             errors.append(
                 f"config.{key}: no file matches {missing}; give existing JSON/JSONL paths"
             )
-    if not pathlib.Path(config.data.tokenizer or "/nonexistent").is_dir():
+    if not config.data.tokenizer or not paths.resolve(config.data.tokenizer).is_dir():
         errors.append(
             f"config.data.tokenizer={config.data.tokenizer!r}: not a directory; give a local "
             "Hugging Face tokenizer directory (tokenizer.json / tokenizer.model)"
@@ -121,3 +118,8 @@ def validate(config: ml_collections.ConfigDict, num_devices: int, num_processes:
             )
     if errors:
         raise ConfigError("invalid config:\n  " + "\n  ".join(errors))
+
+
+def _matches(entry: str) -> bool:
+    """Whether a data file entry (path or glob, local or URL) names at least one file."""
+    return any(paths.resolve(m).exists() for m in paths.expand([entry]))

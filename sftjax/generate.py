@@ -30,6 +30,7 @@ import numpy as np
 from absl import app, flags, logging
 from flax import nnx
 
+from sftjax import paths
 from sftjax.data import records, templates, tokenize
 from sftjax.model import hf_io, llama
 
@@ -270,7 +271,7 @@ def define_flags() -> None:
     flags.DEFINE_string("dtype", "bfloat16", "Weights and compute dtype (float32 for exactness).")
 
 
-def _load(path: pathlib.Path, dtype: str) -> tuple[llama.Llama, pathlib.Path]:
+def _load(path, dtype: str) -> tuple[llama.Llama, str]:
     """(model, tokenizer dir) from a HF directory or a training workdir (best checkpoint)."""
     if (path / "checkpoints").is_dir():
         from sftjax import checkpoint  # the trainer's imports only when a workdir is given
@@ -285,8 +286,8 @@ def main(argv: Sequence[str]) -> None:
         raise app.UsageError("give exactly one of --prompt or --input")
     if FLAGS.input is not None and FLAGS.output is None:
         raise app.UsageError("--input needs --output")
-    model, tokenizer_dir = _load(pathlib.Path(FLAGS.checkpoint), FLAGS.dtype)
-    tokenizer = tokenize.load_tokenizer(str(tokenizer_dir))
+    model, tokenizer_dir = _load(paths.resolve(FLAGS.checkpoint), FLAGS.dtype)
+    tokenizer = tokenize.load_tokenizer(tokenizer_dir)
     options = dict(
         template=FLAGS.template,
         max_new_tokens=FLAGS.max_new_tokens,

@@ -133,7 +133,7 @@ def _prepare(config: ml_collections.ConfigDict, workdir: paths.Path) -> _Run:
     rules = checkpoint.sharding_rules(config)
     cfg = config_lib.model_config(config.model)
 
-    tok = tokenize.load_tokenizer(paths.local_copy(config.data.tokenizer))
+    tok = tokenize.load_tokenizer(config.data.tokenizer)
     train_examples, val_examples, report = pipeline.load_splits(config.data, tok)
     largest_id = max(max(e.tokens.max(), e.targets.max()) for e in train_examples + val_examples)
     if largest_id >= cfg.vocab_size:  # an id past the table would embed as NaN, not fail

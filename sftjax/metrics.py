@@ -131,7 +131,7 @@ def _drop_records_after(path: pathlib.Path, step: int) -> None:
 
 def read_records(path: pathlib.Path) -> list[dict]:
     """All records of a metrics.jsonl."""
-    return [json.loads(line) for line in pathlib.Path(path).read_text().splitlines() if line]
+    return [json.loads(line) for line in paths.resolve(path).read_text().splitlines() if line]
 
 
 def plot_losses(metrics_path: pathlib.Path, out_png: pathlib.Path, best_step: int | None) -> None:

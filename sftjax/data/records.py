@@ -10,11 +10,12 @@ non-zero exit before any training.
 """
 
 import dataclasses
-import glob
 import json
 import os
 from collections.abc import Iterator, Sequence
 from typing import Any
+
+from sftjax import paths
 
 MAX_PROBLEMS = 20  # problems quoted in full; all of them are counted by reason
 MAX_DUPLICATES = 5  # duplicate locations quoted in the report
@@ -103,16 +104,15 @@ class _BadRow(Exception):
 def expand_paths(spec: str | Sequence[str]) -> list[str]:
     """Files named by a comma-separated string or a list, each entry a path or a glob."""
     entries = [s.strip() for s in spec.split(",")] if isinstance(spec, str) else list(spec)
-    paths = []
+    files = []
     for entry in (os.fspath(e) for e in entries if e):
-        matches = sorted(glob.glob(entry)) if glob.has_magic(entry) else [entry]
-        matches = [m for m in matches if os.path.isfile(m)]
+        matches = [m for m in paths.expand([entry]) if paths.resolve(m).is_file()]
         if not matches:
             raise FileNotFoundError(f"no data file matches {entry!r}")
-        paths += matches
-    if not paths:
+        files += matches
+    if not files:
         raise FileNotFoundError(f"no data files given ({spec!r})")
-    return paths
+    return files
 
 
 def _scan_jsonl(data: bytes) -> Iterator[tuple[int, Any]]:
@@ -178,8 +178,7 @@ def _is_jsonl(head: bytes) -> bool:
 
 def scan_file(path: str) -> Iterator[tuple[int, Any]]:
     """(line, value or _BadRow) per row: a JSON array if the file starts with "[", else JSONL."""
-    with open(path, "rb") as f:
-        data = f.read()
+    data = paths.resolve(path).read_bytes()  # local or gs://
     head = data.removeprefix(b"\xef\xbb\xbf").lstrip()
     if not head.startswith(b"[") or _is_jsonl(head):
         yield from _scan_jsonl(data)

@@ -29,6 +29,7 @@ import numpy as np
 import tokenizers
 import transformers
 
+from sftjax import paths
 from sftjax.data.records import Row
 from sftjax.data.templates import Segment, alpaca, render
 
@@ -97,8 +98,9 @@ def _backend(spec: dict) -> tokenizers.Tokenizer:
 
 
 def load_tokenizer(path: str) -> SegmentTokenizer:
-    """Load a local HF tokenizer directory (no hub, no remote code); check it segments exactly."""
-    hf = transformers.AutoTokenizer.from_pretrained(path, local_files_only=True)
+    """Load a HF tokenizer directory, local or gs:// (no hub, no remote code); check segmenting."""
+    local = paths.local_copy(path)  # transformers reads local files only
+    hf = transformers.AutoTokenizer.from_pretrained(local, local_files_only=True)
     backend = getattr(hf, "backend_tokenizer", None)
     if backend is None:
         raise ValueError(f"{path}: needs a fast (tokenizers-backed) tokenizer, got {type(hf)}")

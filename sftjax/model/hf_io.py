@@ -17,6 +17,7 @@ import os
 import pathlib
 import shutil
 import struct
+import tempfile
 from collections.abc import Callable
 
 import jax
@@ -424,11 +425,15 @@ def save_pretrained(
     """
     cfg: llama.LlamaConfig = model.cfg
     dtype = dtype or cfg.param_dtype
-    final = pathlib.Path(path)
+    final = paths.resolve(path)
     if final.exists() and not overwrite:
         raise FileExistsError(f"{final} exists; pass overwrite=True to replace it")
     is_writer = jax.process_index() == 0
-    staging = final.with_name(f".{final.name}.tmp-{os.getpid()}")
+    remote = paths.is_remote(final)
+    if remote:  # written locally, then uploaded (object storage has no atomic rename)
+        staging = pathlib.Path(tempfile.mkdtemp(prefix="sftjax-export-")) / final.name
+    else:
+        staging = pathlib.Path(final).with_name(f".{final.name}.tmp-{os.getpid()}")
     if is_writer:
         shutil.rmtree(staging, ignore_errors=True)
         staging.mkdir(parents=True)
@@ -467,9 +472,14 @@ def save_pretrained(
     (staging / "generation_config.json").write_text(json.dumps(generation, indent=2))
     if tokenizer_dir is not None:
         for name in TOKENIZER_FILES:
-            if (pathlib.Path(tokenizer_dir) / name).exists():
-                shutil.copy2(pathlib.Path(tokenizer_dir) / name, staging / name)
-    _replace_dir(staging, final)
+            source = paths.resolve(tokenizer_dir) / name
+            if source.exists():
+                source.copy(epath.Path(staging / name), overwrite=True)
+    if remote:
+        _upload_dir(staging, final)
+        shutil.rmtree(staging.parent)
+    else:
+        _replace_dir(staging, pathlib.Path(final))
     return final
 
 
@@ -486,6 +496,20 @@ def _plan_shards(cfg, params, entries, itemsize: int, max_bytes: int) -> list[li
         current.append(entry)
         size += nbytes
     return shards + [current]
+
+
+def _upload_dir(staging: pathlib.Path, final: epath.Path) -> None:
+    """Publish a finished export to object storage; a complete copy exists at every instant.
+
+    The export is uploaded beside `final` first; only then is the old one deleted and the new
+    one copied into place, so a kill leaves either `final` or the complete `.tmp` sibling.
+    """
+    uploaded = final.parent / f".{final.name}.tmp-{os.getpid()}"
+    paths.remove_tree(uploaded)
+    paths.upload_tree(staging, uploaded)
+    paths.remove_tree(final)
+    paths.upload_tree(staging, final)
+    paths.remove_tree(uploaded)
 
 
 def _replace_dir(staging: pathlib.Path, final: pathlib.Path) -> None:
