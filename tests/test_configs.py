@@ -368,8 +368,22 @@ def test_launch_scripts_start_main_with_the_same_arguments(tmp_path):
     assert shlex.split(srun)[:2] == ["srun", "--kill-on-bad-exit=1"]
     assert shlex.split(srun)[3:] == expected
 
-    refused = run_launcher("launch/tpu_pod.sh", TPU_NAME="pod", **{**paths, "WORKDIR": "gs://b/r"})
-    assert refused.returncode == 2 and "gs://" in refused.stderr
+    bucket = {"WORKDIR": "gs://b/runs/r", "HF_PATH": "gs://b/m", "TRAIN_FILES": "gs://b/d/*.jsonl"}
+    on_gcs = run_launcher("launch/tpu_pod.sh", TPU_NAME="pod", **bucket)
+    command = next(a for a in shlex.split(on_gcs.stdout) if a.startswith("--command="))
+    remote = shlex.split(command.split("=", 1)[1])
+    assert on_gcs.returncode == 0 and "--workdir=gs://b/runs/r" in remote
+    assert "--config.data.train_files=gs://b/d/*.jsonl" in remote
+
+    # Setup installs the locked versions plus the TPU extra of the locked jax on every worker.
+    setup = run_launcher("launch/tpu_pod.sh", "setup", TPU_NAME="pod")
+    assert setup.returncode == 0, setup.stderr
+    install = next(a for a in shlex.split(setup.stdout) if a.startswith("--command="))
+    jax_pin = next(
+        x for x in (ROOT / "requirements/lock.txt").read_text().split() if x.startswith("jax==")
+    )
+    assert "--worker=all" in setup.stdout and "-c requirements/lock.txt -e ." in install
+    assert f"jax[tpu]=={jax_pin.split('==')[1]}" in install
 
     # main.py accepts these arguments: without --multihost (no cluster here) it gets as far as
     # config validation, which names the placeholder paths and exits 2.
