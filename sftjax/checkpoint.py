@@ -16,6 +16,7 @@ It does not decide when to save (loop.py).
 
 import logging
 import os
+import sys
 import time
 
 import jax
@@ -39,6 +40,10 @@ VAL_LOSS = "val_loss"
 
 class CheckpointError(RuntimeError):
     """A checkpoint could not be written; the run stops, earlier checkpoints are intact."""
+
+
+class NonFiniteState(CheckpointError):
+    """The state to be saved holds NaN or inf: saving it would make every resume diverge."""
 
 
 class Checkpointer:
@@ -65,6 +70,8 @@ class Checkpointer:
             cleanup_tmp_directories=True,
         )
         self.directory = paths.resolve(directory)
+        self._last_queued: int | None = None  # named if a background save fails later
+        self._unconfirmed = False  # a save was queued and nobody has seen it end yet
         self._manager = ocp.CheckpointManager(self.directory, options=options)
         self._remove_unfinished()
 
@@ -114,22 +121,27 @@ class Checkpointer:
         permissions): the run must stop rather than go on without checkpoints.
         """
         record = {**record, "fingerprint": fingerprint(state)}
+        if not is_finite(record["fingerprint"]):
+            raise NonFiniteState(f"the state at step {step} holds NaN or inf; it was not saved")
         args = ocp.args.Composite(
             state=ocp.args.StandardSave(state), meta=ocp.args.JsonSave(record)
         )
         metrics = None if val_loss is None else {VAL_LOSS: float(val_loss)}
+        self.wait()  # Orbax would wait for the previous save anyway; its failure is named here
         try:
-            self._manager.check_for_errors()
+            self._last_queued, self._unconfirmed = step, True
             self._manager.save(step, args=args, metrics=metrics, force=True)
-        except Exception as e:  # Orbax wraps the cause several layers deep
+        except Exception as e:
             raise CheckpointError(_save_failure(self.directory, step, e)) from e
 
     def check(self) -> None:
-        """Raise CheckpointError now if a background save has failed."""
-        try:
-            self._manager.check_for_errors()
-        except Exception as e:
-            raise CheckpointError(_save_failure(self.directory, None, e)) from e
+        """Raise CheckpointError as soon as a background save has ended in failure (cheap).
+
+        Orbax keeps a failed background save to itself until the next wait; once the save
+        thread has ended, waiting returns at once and surfaces the error.
+        """
+        if self._unconfirmed and not self._manager.is_saving_in_progress():
+            self.wait()
 
     def restore(self, step: int, abstract_state):
         """(state, record) of `step`, verified against the fingerprint saved with it."""
@@ -187,12 +199,44 @@ class Checkpointer:
         try:
             self._manager.wait_until_finished()
             self._manager.check_for_errors()
+            self._unconfirmed = False
         except Exception as e:
-            raise CheckpointError(_save_failure(self.directory, None, e)) from e
+            raise CheckpointError(_save_failure(self.directory, self._last_queued, e)) from e
 
     def close(self) -> None:
         self.wait()
         self._manager.close()
+
+
+def quiet_background_failures() -> None:
+    """Keep a failed background save to one line: the cause reaches the user as CheckpointError.
+
+    When a save fails in Orbax's writer thread (disk full), Orbax logs the error with its
+    traceback, and every pending tensorstore callback then prints "RuntimeError: Event loop is
+    closed" with a traceback of its own (1,700+ lines for one failure, the cause buried). The
+    log line stays without its traceback; the closed-loop echoes are dropped. Both are
+    background noise, never the first report of a problem.
+    """
+
+    class _NoTraceback(logging.Filter):
+        def filter(self, record: logging.LogRecord) -> bool:
+            if "orbax" in record.pathname:
+                record.exc_info, record.exc_text = None, None
+            return True
+
+    logging.getLogger("absl").addFilter(_NoTraceback())
+
+    def closed_loop(value) -> bool:
+        return isinstance(value, RuntimeError) and str(value) == "Event loop is closed"
+
+    # tensorstore reports through both hooks (PyErr_Print and PyErr_WriteUnraisable).
+    previous_excepthook, previous_unraisablehook = sys.excepthook, sys.unraisablehook
+    sys.excepthook = lambda kind, value, tb: (
+        None if closed_loop(value) else previous_excepthook(kind, value, tb)
+    )
+    sys.unraisablehook = lambda unraisable: (
+        None if closed_loop(unraisable.exc_value) else previous_unraisablehook(unraisable)
+    )
 
 
 def _save_failure(directory, step: int | None, error: BaseException) -> str:

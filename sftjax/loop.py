@@ -8,6 +8,7 @@ evaluation every `eval.every_steps`, checkpoints, early stopping, preemption) an
 host never waits on the device between steps.
 """
 
+import contextlib
 import dataclasses
 import logging
 import math
@@ -107,6 +108,8 @@ class _Run:
 def fit(config: ml_collections.ConfigDict, workdir) -> FitResult:
     """Train per `config`, resuming from `workdir` (local or gs://) if it holds a checkpoint."""
     run = _prepare(config, paths.resolve(workdir))
+    if jax.process_index() == 0:
+        hf_io.recover_export(run.workdir / "hf_export")
     ckpt = checkpoint.Checkpointer(
         run.workdir / "checkpoints",
         max_to_keep=config.checkpoint.max_to_keep,
@@ -286,6 +289,7 @@ def _train(run: _Run, ckpt, writer, state, early, start_step: int):
             while step < total_steps:
                 batch = train.global_batch(next(run.data_iter), run.batch_sharding)
                 state, step_metrics = run.step_fn(state, batch)
+                ckpt.check()  # a failed background save stops the run now, not at the next one
                 step += 1
                 window_steps += 1
                 progress.update(1)
@@ -303,7 +307,13 @@ def _train(run: _Run, ckpt, writer, state, early, start_step: int):
                     pending = None
                 val_loss = evaluate(step) if at_eval else None
                 if at_eval or preempted:
-                    ckpt.save(step, state, record(), val_loss)
+                    try:
+                        ckpt.save(step, state, record(), val_loss)
+                    except checkpoint.NonFiniteState as e:
+                        raise TrainingDiverged(
+                            f"{e}. Checkpoints on disk (latest {ckpt.latest_step()}) are from "
+                            "before; lower optim.lr or check the data"
+                        ) from e
                     writer.sync()
                     window_start, window_steps = time.perf_counter(), 0
                 if preempted:
@@ -342,15 +352,17 @@ def _finish(run: _Run, ckpt, writer, stop_reason: str, step: int, early) -> FitR
     best_model = nnx.merge(run.graphdef, best_state.params)
     export_dir = None
     if config.checkpoint.export_hf:
-        export_dir = hf_io.save_pretrained(
-            best_model,
-            run.workdir / "hf_export",
-            tokenizer_dir=config.data.tokenizer,
-            dtype=config.checkpoint.export_dtype,
-            bos_token_id=run.tok.bos_id or run.tok.eos_id,
-            eos_token_id=run.tok.eos_id,
-            overwrite=True,
-        )
+        log.info("exporting step %d to %s", best_step, run.workdir / "hf_export")
+        with _signals_deferred():  # a SIGTERM now would leave no export; it is nearly done
+            export_dir = hf_io.save_pretrained(
+                best_model,
+                run.workdir / "hf_export",
+                tokenizer_dir=config.data.tokenizer,
+                dtype=config.checkpoint.export_dtype,
+                bos_token_id=run.tok.bos_id or run.tok.eos_id,
+                eos_token_id=run.tok.eos_id,
+                overwrite=True,
+            )
     writer.write(
         step,
         "summary",
@@ -359,6 +371,21 @@ def _finish(run: _Run, ckpt, writer, stop_reason: str, step: int, early) -> FitR
     writer.plot(best_step)
     ckpt.close()
     return FitResult(stop_reason, step, best_step, best_loss, best_model, export_dir)
+
+
+@contextlib.contextmanager
+def _signals_deferred():
+    """SIGTERM / Ctrl-C wait until the block ends (the run then ends normally, exit 0)."""
+    received = []
+    handler = lambda signum, frame: received.append(signum)  # noqa: E731
+    previous = {s: signal.signal(s, handler) for s in (signal.SIGTERM, signal.SIGINT)}
+    try:
+        yield
+    finally:
+        for signum, old in previous.items():
+            signal.signal(signum, old)
+        if received:
+            log.warning("signal %s arrived during the export; the export finished first", received)
 
 
 def _answer_eval_prompts(config, graphdef, params, tok, step, writer, progress) -> None:

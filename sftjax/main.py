@@ -39,6 +39,7 @@ def main(argv: list[str]) -> None:
         jax.distributed.initialize()
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(message)s")
     logging.getLogger("absl").setLevel(logging.WARNING)
+    checkpoint.quiet_background_failures()
     try:
         result = loop.fit(_CONFIG.value, _WORKDIR.value)
     except (config_lib.ConfigError, records.BadRowsError) as e:

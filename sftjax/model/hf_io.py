@@ -512,6 +512,29 @@ def _upload_dir(staging: pathlib.Path, final: epath.Path) -> None:
     paths.remove_tree(uploaded)
 
 
+def recover_export(path) -> None:
+    """Undo what an export killed midway left behind (call before exporting again).
+
+    Locally, a kill between `_replace_dir`'s two renames leaves the previous export, complete,
+    under its `.old` name: it is put back. In object storage the `.tmp` upload is complete
+    whenever the final one is missing (see `_upload_dir`): it is kept and named in a warning.
+    Every other leftover is removed.
+    """
+    final = paths.resolve(path)
+    if not final.parent.exists():
+        return
+    old = sorted(final.parent.glob(f".{final.name}.old-*"), key=os.fspath)
+    if old and not final.exists():
+        log.warning("restoring the previous export %s (a replacement was interrupted)", old[-1])
+        old.pop().rename(final)
+    for leftover in old + list(final.parent.glob(f".{final.name}.tmp-*")):
+        if paths.is_remote(final) and not final.exists():
+            log.warning("%s is missing; a complete copy of it is at %s", final, leftover)
+            continue
+        log.info("removing %s (left by an interrupted export)", leftover)
+        paths.remove_tree(leftover)
+
+
 def _replace_dir(staging: pathlib.Path, final: pathlib.Path) -> None:
     """Rename the finished export into place; an old one is removed only after that succeeds."""
     if final.exists():
