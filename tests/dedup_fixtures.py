@@ -1,8 +1,8 @@
 """Planted near-duplicates: families of texts derived from one base, and unrelated texts.
 
-Word-level edits follow dedup.py's definition (1+2-gram Jaccard >= 0.7): one edit needs a text of
-at least 12 words, two edits at least 25 (a substitution in n distinct words leaves Jaccard
-(2n - 4) / (2n + 2), 0.77 at n = 12). Shared preambles are 40 words, used by 40+ texts each.
+Word-level edits follow dedup.py's definition (1+2-gram Jaccard >= 0.8): one edit needs a text of
+at least 14 words, two edits at least 30 (a substitution in n distinct words leaves Jaccard
+(2n - 4) / (2n + 2), 0.8 at n = 14). Shared preambles are 40 words, used by 40+ texts each.
 """
 
 import dataclasses
@@ -74,12 +74,12 @@ def planted(seed: int = 0) -> Planted:
         out.add(family, "single", " ".join(base(5, 60)))
         family += 1
     for k in range(160):  # one word-level edit
-        words = base(12, 60)
+        words = base(15, 60)
         out.add(family, "base", " ".join(words))
         out.add(family, EDITS[k % 4], " ".join(edit(rng, words, vocab, EDITS[k % 4])))
         family += 1
     for k in range(60):  # two edits
-        words = base(25, 60)
+        words = base(30, 60)
         edited = edit(rng, edit(rng, words, vocab, EDITS[k % 4]), vocab, EDITS[(k + 1) % 4])
         out.add(family, "base", " ".join(words))
         out.add(family, "two edits", " ".join(edited))
@@ -95,7 +95,7 @@ def planted(seed: int = 0) -> Planted:
             out.add(family, "preamble", f"{preamble}\n{' '.join(base(6, 20))}")
             family += 1
         for k in range(10):  # a task with and without the preamble, one edit apart
-            task = base(12, 30)
+            task = base(15, 30)
             out.add(family, "preamble", f"{preamble}\n{' '.join(task)}")
             edited = edit(rng, task, vocab, EDITS[k % 4])
             other = preambles[(p + 1) % 3] + "\n" if k % 2 else ""

@@ -64,11 +64,12 @@ def test_report_with_skip_exits_zero(tmp_path):
 
 
 def test_report_names_leaks_and_groups_and_fails_like_training(tmp_path):
-    train = [{"instruction": "Describe animal number 0 in one short sentence", "output": "ok"}]
+    describe = "Describe animal number 0 in one short sentence for a book about the sea"
+    train = [{"instruction": describe, "output": "ok"}]
     train += [{"instruction": "Name a colour", "output": c} for c in ("red", "blue")]
     validation = [
-        {"instruction": "describe animal number 0 in one SHORT sentence!", "output": "no"},
-        {"instruction": "Describe animal number 0 in one very short sentence", "output": "no"},
+        {"instruction": describe.upper() + "!", "output": "no"},
+        {"instruction": describe.replace("one", "one very"), "output": "no"},
         {"instruction": "Count to three", "output": "1 2 3"},
     ]
     (tmp_path / "t.jsonl").write_text("\n".join(json.dumps(r) for r in train))
@@ -80,7 +81,7 @@ def test_report_names_leaks_and_groups_and_fails_like_training(tmp_path):
     out = result.stdout
     assert "leakage: 2 of 3 validation rows have an exact or near-duplicate prompt" in out
     assert f"  {v}:1: same prompt as {t}:1" in out
-    # 8 of 9 words and 6 of 9 word pairs shared: Jaccard 14 / 18
-    assert f"  {v}:2: near-duplicate (J=0.78) of {t}:1" in out
+    # one word inserted: 14 of 15 words and 12 of 15 word pairs shared, Jaccard 26 / 30
+    assert f"  {v}:2: near-duplicate (J=0.87) of {t}:1" in out
     assert f"  3: {t}:1, {v}:1, {v}:2" in out and f"  2: {t}:2, {t}:3" in out
     assert "task mix (leading word of the instruction): describe 50.0 %, name 33.3 %" in out
