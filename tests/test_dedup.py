@@ -2,6 +2,7 @@
 
 import itertools
 import random
+import string
 
 import numpy as np
 from dedup_fixtures import planted
@@ -14,6 +15,10 @@ def test_normalize_ignores_case_punctuation_and_whitespace():
     assert dedup.normalize("snake_case-and\u00a0nbsp") == "snake case and nbsp"
     assert dedup.normalize("Ｆｕｌｌ width, Ünïcödé") == "full width ünïcödé"
     assert dedup.normalize("?!...") == ""
+    rng = random.Random(0)
+    for _ in range(200):  # the ASCII fast path agrees with the Unicode path
+        text = "".join(rng.choices(string.printable, k=40))
+        assert dedup.normalize(text) == dedup.normalize(text + " é")[:-2].strip()
 
 
 def _text_pairs(texts, near: dedup.NearDuplicates) -> set[tuple[int, int]]:
