@@ -123,3 +123,5 @@ def test_boilerplate_runs_are_ignored_and_short_texts_compare_whole():
     assert len(set(groups[:12])) == 12  # same preamble, different tasks
     assert groups[13] != groups[14]  # word order matters (Jaccard 0.4)
     assert len(np.unique(groups)) == len(texts) - 1
+    assert dedup.near_duplicates([]).text_components().tolist() == []
+    assert dedup.near_duplicates(["", ""]).text_components().tolist() == [0, 1]

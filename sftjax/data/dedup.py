@@ -231,15 +231,16 @@ class NearDuplicates:
 
     def text_components(self) -> np.ndarray:
         """Component id per text: equal sets and near-duplicate pairs joined transitively."""
-        num_sets = int(self.set_of.max()) + 1 if len(self.set_of) else 0
+        num_sets = int(self.set_of.max(initial=-1)) + 1
         graph = coo_matrix(
             (np.ones(len(self.pairs)), (self.pairs[:, 0], self.pairs[:, 1])),
             shape=(num_sets, num_sets),
         )
-        _, set_label = connected_components(graph, directed=False)
-        label = np.where(self.set_of >= 0, set_label[np.maximum(self.set_of, 0)], -1)
-        alone = label < 0  # no shingles: a component of its own
-        label[alone] = num_sets + np.arange(int(alone.sum()))
+        set_label = connected_components(graph, directed=False)[1] if num_sets else np.zeros(0)
+        label = np.full(len(self.set_of), -1, np.int64)
+        has_set = self.set_of >= 0
+        label[has_set] = set_label[self.set_of[has_set]]
+        label[~has_set] = num_sets + np.arange(int((~has_set).sum()))  # no shingles: alone
         return label
 
 
