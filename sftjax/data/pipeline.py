@@ -1,9 +1,9 @@
 """The data pipeline the trainer calls: files → examples → packed, per-process numpy batches.
 
 Owns: applying the train/validation split and the leakage policy (groups.py decides them),
-encoding rows once, the length policy counts, the seeded
-per-epoch shuffle, first-fit packing, global batching, this process's slice, and the Grain
-dataset/iterator whose `get_state()`/`set_state()` the trainer checkpoints.
+encoding rows once, the length policy counts, the seeded per-epoch shuffle, first-fit packing,
+global batching, this process's slice, and the Grain dataset/iterator whose
+`get_state()`/`set_state()` the trainer checkpoints.
 Does not own: jax arrays (the trainer calls `jax.make_array_from_process_local_data`), the loss.
 
 Usage (the trainer):
@@ -141,9 +141,9 @@ def read_splits(
     if config.leakage not in groups.LEAKAGE_POLICIES:
         raise ValueError(f"data.leakage {config.leakage!r} is not one of {groups.LEAKAGE_POLICIES}")
     train_rows, train_report = _read(config.train_files, config)
-    start = time.perf_counter()
     if config.validation_files:
         validation_rows, validation_report = _read(config.validation_files, config)
+        start = time.perf_counter()
         report = DataReport(train_report, validation_report, leakage=config.leakage)
         report.leaks, grouping = groups.find_leaks(train_rows, validation_rows)
         report.clusters = groups.largest_clusters([*train_rows, *validation_rows], grouping)
@@ -155,6 +155,7 @@ def read_splits(
         if report.leaks:
             log.warning("%d validation rows leak into training", len(report.leaks))
     else:
+        start = time.perf_counter()
         report = DataReport(train_report, None)
         grouping = groups.group_rows(train_rows)
         held, report.split = groups.split(
