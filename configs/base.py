@@ -60,8 +60,11 @@ def get_config() -> ml_collections.ConfigDict:
 
     c.data = ml_collections.ConfigDict()
     c.data.train_files = ""  # JSONL / JSON-array file, glob, or comma-separated list of them
-    c.data.validation_files = ""  # "" = a seeded, content-hashed split of the training rows
+    c.data.validation_files = ""  # "" = a seeded split of the training rows by prompt group
     c.data.validation_fraction = 0.05  # share of training rows held out when no validation files
+    # Validation rows whose prompt is (nearly) a training prompt, with validation_files given:
+    # "warn" (log the file:line pairs), "drop" (remove them from validation) or "fail" (exit 2).
+    c.data.leakage = "warn"
     c.data.template = "alpaca"  # "alpaca" (instruction/input/response) or "chat" (messages)
     c.data.instruction_field = "instruction"  # row key of the instruction
     c.data.input_field = "input"  # row key of the optional input (context)
@@ -70,7 +73,7 @@ def get_config() -> ml_collections.ConfigDict:
     c.data.tokenizer = ""  # local Hugging Face tokenizer directory (needs an EOS token)
     c.data.seq_len = 2048  # tokens per packed row
     c.data.bad_rows = "fail"  # "fail": report and exit before training; "skip": count and go on
-    c.data.drop_duplicates = True  # drop exact duplicate rows (counted in the report)
+    c.data.drop_duplicates = True  # drop rows equal up to case/punctuation/space (counted)
     c.data.overlong = "drop"  # over-long examples: "drop" (counted) or "truncate_prompt"
     c.data.pack = True  # pack several examples per row (segment ids keep them apart)
     c.data.pack_validation = True  # pack validation rows too (same loss value, fewer eval steps)

@@ -17,6 +17,7 @@ CHOICES = {
     "model.dtype": ("float32", "bfloat16"),
     "data.template": ("alpaca", "chat"),
     "data.bad_rows": ("fail", "skip"),
+    "data.leakage": ("warn", "drop", "fail"),
     "data.overlong": ("drop", "truncate_prompt"),
 }
 

@@ -15,7 +15,7 @@ from ml_collections import config_flags
 
 from sftjax import checkpoint, loop
 from sftjax import config as config_lib
-from sftjax.data import records
+from sftjax.data import groups, records
 
 _CONFIG = config_flags.DEFINE_config_file(
     "config", None, "Config file (configs/*.py).", lock_config=True
@@ -42,7 +42,7 @@ def main(argv: list[str]) -> None:
     checkpoint.quiet_background_failures()
     try:
         result = loop.fit(_CONFIG.value, _WORKDIR.value)
-    except (config_lib.ConfigError, records.BadRowsError) as e:
+    except (config_lib.ConfigError, records.BadRowsError, groups.LeakageError) as e:
         print(f"error: {e}", file=sys.stderr)
         sys.exit(2)
     except loop.TrainingDiverged as e:

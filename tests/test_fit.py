@@ -164,6 +164,16 @@ def test_bad_rows_fail_before_anything_compiles(corpus, tmp_path):
     assert not (tmp_path / "run" / "checkpoints").exists()
 
 
+def test_leaked_validation_rows_exit_2_under_leakage_fail(corpus, tmp_path):
+    train = corpus[0]
+    extra = {"data.validation_files": str(train), "data.leakage": "fail"}
+    done = subprocess.run(_cli(corpus, tmp_path / "run", **extra), capture_output=True, text=True)
+    assert done.returncode == 2, done.stderr[-2000:]
+    assert "validation rows have their prompt" in done.stderr
+    assert f"  {train}:1: same prompt as {train}:1" in done.stderr
+    assert "Traceback" not in done.stderr and not (tmp_path / "run" / "checkpoints").exists()
+
+
 def test_tokenizer_larger_than_the_embedding_table_is_refused(corpus, tmp_path):
     # The demo tokenizer's added template headers sit past its trained vocabulary: a model
     # sized to the trained part would look them up out of range (NaN, not an error).

@@ -122,15 +122,6 @@ def test_validation_covers_every_example_once_on_every_process(pack):
     ]  # re-iterable, same every evaluation
 
 
-def test_hash_split_is_stable_when_rows_are_added():
-    rows = [records.Row(f"f:{i}", instruction=f"q{i}", response="a") for i in range(2000)]
-    held = [pipeline.in_validation(r, 0.1, seed=0) for r in rows]
-    more = rows + [records.Row("g:1", instruction=f"new{i}", response="b") for i in range(500)]
-    assert [pipeline.in_validation(r, 0.1, seed=0) for r in more][:2000] == held
-    assert 150 < sum(held) < 250
-    assert held != [pipeline.in_validation(r, 0.1, seed=1) for r in rows]
-
-
 @pytest.fixture(scope="module")
 def tok():
     return tokenize.load_tokenizer(str(shared_path("llama2_tokenizer")))
@@ -148,7 +139,7 @@ def test_alpaca_packing_efficiency_at_2048(tok):
     train, validation, report = pipeline.load_splits(config, tok)
     assert report.train_records.bad_by_reason == {"empty field": 2}
     assert report.train_records.duplicates == 14
-    assert len(train) + len(validation) == 3000 and 100 < len(validation) < 200
+    assert len(train) + len(validation) == 3000 and len(validation) == 150  # 5 %, whole groups
     efficiency, per_row = pipeline.packing_stats(train, seq_len=2048)
     one_epoch = pipeline.train_dataset(
         train, batch_size=8, seq_len=2048, seed=0, num_epochs=1, process_index=0, process_count=1

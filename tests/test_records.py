@@ -94,6 +94,18 @@ def test_duplicates_kept_when_asked(tmp_path):
     assert len(rows) == 3 and report.duplicates == 2
 
 
+def test_rows_equal_up_to_case_punctuation_and_whitespace_are_duplicates(tmp_path):
+    rows = [
+        GOOD,
+        {"instruction": "ADD!", "input": " 1,  2", "response": "3."},
+        {**GOOD, "response": "4"},
+    ]
+    path = _write(tmp_path / "x.jsonl", "\n".join(json.dumps(r) for r in rows))
+    kept, report = records.read_records(path)
+    assert [r.source for r in kept] == [f"{path}:1", f"{path}:3"]
+    assert report.duplicate_examples == [f"{path}:2 repeats {path}:1"]
+
+
 def test_configurable_field_names(tmp_path):
     path = _write(tmp_path / "x.jsonl", json.dumps({"q": "Q", "ctx": "C", "a": "A"}))
     rows, _ = records.read_records(

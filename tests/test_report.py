@@ -10,7 +10,7 @@ from conftest import shared_path
 ROOT = pathlib.Path(__file__).resolve().parents[1]
 
 
-def _report(train_files: str, *flags: str) -> subprocess.CompletedProcess:
+def _report(train_files: str, *flags: str, histogram: str = "") -> subprocess.CompletedProcess:
     command = [
         sys.executable,
         "-m",
@@ -18,15 +18,17 @@ def _report(train_files: str, *flags: str) -> subprocess.CompletedProcess:
         "--config=configs/base.py",
         f"--config.data.train_files={train_files}",
         f"--config.data.tokenizer={shared_path('llama2_tokenizer')}",
+        f"--histogram={histogram}",
         *flags,
     ]
     env = {"PYTHONPATH": str(ROOT), "PATH": "/usr/bin:/bin", "JAX_PLATFORMS": "cpu"}
     return subprocess.run(command, cwd=ROOT, env=env, capture_output=True, text=True, timeout=120)
 
 
-def test_report_on_alpaca_fails_on_the_two_empty_outputs():
+def test_report_on_alpaca_fails_on_the_two_empty_outputs(tmp_path):
     path = shared_path("alpaca") / "code_alpaca_2k.json"
-    result = _report(str(path))
+    png = tmp_path / "lengths.png"
+    result = _report(str(path), histogram=str(png))
     assert result.returncode == 1, result.stderr
     out = result.stdout
     assert f"{path}:1187: output: empty field" in out and "bad rows, empty field: 2" in out
@@ -37,8 +39,14 @@ def test_report_on_alpaca_fails_on_the_two_empty_outputs():
         "response tokens: p50",
         "packing at seq_len 2048",
         "examples per row",
+        "split: 101 of 2015 rows held out (5.01 %, requested 5.00 %) as whole groups",
+        "largest groups of equal or near-duplicate prompts: none",
+        "task mix (leading word of the instruction): write ",
+        "responses (2015): empty 0 (0.0 %), one token ",
+        f"response-length histogram: {png}",
     ):
         assert section in out
+    assert png.read_bytes().startswith(b"\x89PNG\r\n\x1a\n")
     assert out.count("--- example") == 3 and out.count("</s>⟧") == 3
     assert "training would stop here" in result.stderr
 
@@ -52,3 +60,28 @@ def test_report_with_skip_exits_zero(tmp_path):
     assert "bad rows, invalid JSON: 1" in result.stdout
     assert "kept: 5; bad: 1; duplicates: 5" in result.stdout
     assert "### Response:\n⟦A" in result.stdout
+    assert "response-length histogram" not in result.stdout  # --histogram=""
+
+
+def test_report_names_leaks_and_groups_and_fails_like_training(tmp_path):
+    describe = "Describe animal number 0 in one short sentence for a book about the sea"
+    train = [{"instruction": describe, "output": "ok"}]
+    train += [{"instruction": "Name a colour", "output": c} for c in ("red", "blue")]
+    validation = [
+        {"instruction": describe.upper() + "!", "output": "no"},
+        {"instruction": describe.replace("one", "one very"), "output": "no"},
+        {"instruction": "Count to three", "output": "1 2 3"},
+    ]
+    (tmp_path / "t.jsonl").write_text("\n".join(json.dumps(r) for r in train))
+    (tmp_path / "v.jsonl").write_text("\n".join(json.dumps(r) for r in validation))
+    t, v = tmp_path / "t.jsonl", tmp_path / "v.jsonl"
+    flags = (f"--config.data.validation_files={v}", "--config.data.leakage=fail")
+    result = _report(str(t), *flags, "--config.data.seq_len=64")
+    assert result.returncode == 1 and "leakage='fail' and 2 leaking" in result.stderr
+    out = result.stdout
+    assert "leakage: 2 of 3 validation rows have an exact or near-duplicate prompt" in out
+    assert f"  {v}:1: same prompt as {t}:1" in out
+    # one word inserted: 14 of 15 words and 12 of 15 word pairs shared, Jaccard 26 / 30
+    assert f"  {v}:2: near-duplicate (J=0.87) of {t}:1" in out
+    assert f"  3: {t}:1, {v}:1, {v}:2" in out and f"  2: {t}:2, {t}:3" in out
+    assert "task mix (leading word of the instruction): describe 50.0 %, name 33.3 %" in out

@@ -1,13 +1,15 @@
 """The data pipeline the trainer calls: files → examples → packed, per-process numpy batches.
 
-Owns: the train/validation split, encoding rows once, the length policy counts, the seeded
-per-epoch shuffle, first-fit packing, global batching, this process's slice, and the Grain
-dataset/iterator whose `get_state()`/`set_state()` the trainer checkpoints.
+Owns: applying the train/validation split and the leakage policy (groups.py decides them),
+encoding rows once, the length policy counts, the seeded per-epoch shuffle, first-fit packing,
+global batching, this process's slice, and the Grain dataset/iterator whose
+`get_state()`/`set_state()` the trainer checkpoints.
 Does not own: jax arrays (the trainer calls `jax.make_array_from_process_local_data`), the loss.
 
 Usage (the trainer):
     tok = tokenize.load_tokenizer(config.data.tokenizer)
-    train, validation, report = pipeline.load_splits(config.data, tok)   # BadRowsError: exit 1
+    train, validation, report = pipeline.load_splits(config.data, tok)   # BadRowsError,
+                                                        # groups.LeakageError: exit 2
     it = pipeline.train_batches(train, batch_size=B, seq_len=config.data.seq_len,
         seed=config.data.shuffle_seed, num_epochs=config.data.num_epochs, pack=config.data.pack,
         num_bins=config.data.packing_bins,
@@ -32,16 +34,19 @@ the split and the over-long counts are then exact before training starts.
 """
 
 import dataclasses
-import hashlib
+import logging
 import math
+import time
 from collections.abc import Sequence
 
 import grain
 import ml_collections
 import numpy as np
 
-from sftjax.data import records, templates, tokenize
+from sftjax.data import groups, records, templates, tokenize
 from sftjax.data.tokenize import Example
+
+log = logging.getLogger("sftjax")
 
 KEYS = ("tokens", "targets", "loss_mask", "segment_ids", "positions")
 Batch = dict[str, np.ndarray]  # KEYS → int32 [batch_per_process, seq_len]
@@ -53,6 +58,11 @@ class DataReport:
 
     train_records: records.RecordReport
     validation_records: records.RecordReport | None  # None: split from the training rows
+    split: groups.SplitReport | None = None  # the grouped split (no validation files)
+    leaks: list[groups.Leak] = dataclasses.field(default_factory=list)  # with validation files
+    leakage: str = "warn"  # the policy applied to leaks
+    clusters: list[list[str]] = dataclasses.field(default_factory=list)  # largest groups, file:line
+    grouping_seconds: float = 0.0  # normalise + near-duplicate pass (start-up cost)
     train_examples: int = 0
     validation_examples: int = 0
     overlong_dropped: int = 0  # over seq_len, dropped (train + validation)
@@ -67,18 +77,21 @@ class DataReport:
         parts = ["train files: " + self.train_records.summary()]
         if self.validation_records is not None:
             parts.append("validation files: " + self.validation_records.summary())
+        if self.split is not None:
+            parts.append(self.split.summary())
+        if self.validation_records is not None:
+            dropped = f", {len(self.leaks)} dropped" if self.leakage == "drop" else ""
+            parts.append(
+                f"leakage: {len(self.leaks)} of {self.validation_records.rows_kept} validation "
+                f"rows have an exact or near-duplicate prompt in training (policy "
+                f"{self.leakage!r}{dropped})"
+            )
+            parts += [f"  {leak}" for leak in self.leaks[: groups.MAX_QUOTED]]
         parts.append(
             f"examples: train {self.train_examples}, validation {self.validation_examples}; "
             f"over-long: dropped {self.overlong_dropped}, prompt truncated {self.prompt_truncated}"
         )
         return "\n".join(parts)
-
-
-def in_validation(row: records.Row, fraction: float, seed: int) -> bool:
-    """Held out iff the seeded hash of the row's content falls below fraction: adding rows never
-    moves existing ones, and duplicates land on the same side."""
-    digest = hashlib.sha256(f"{seed}\0{row.content_key()}".encode()).digest()
-    return int.from_bytes(digest[:8], "big") < fraction * 2.0**64
 
 
 def _read(files: str, config: ml_collections.ConfigDict) -> tuple[list, records.RecordReport]:
@@ -118,21 +131,51 @@ def encode_rows(
     return examples
 
 
-def load_splits(
-    config: ml_collections.ConfigDict, tok: tokenize.SegmentTokenizer
-) -> tuple[list[Example], list[Example], DataReport]:
-    """Read, validate, split and encode the data section's files (raises BadRowsError on fail)."""
+def read_splits(
+    config: ml_collections.ConfigDict,
+) -> tuple[list[records.Row], list[records.Row], DataReport]:
+    """Read and validate the files, then split by groups or apply the leakage policy.
+
+    Raises BadRowsError (bad_rows="fail") or groups.LeakageError (leakage="fail").
+    """
+    if config.leakage not in groups.LEAKAGE_POLICIES:
+        raise ValueError(f"data.leakage {config.leakage!r} is not one of {groups.LEAKAGE_POLICIES}")
     train_rows, train_report = _read(config.train_files, config)
-    validation_report = None
     if config.validation_files:
         validation_rows, validation_report = _read(config.validation_files, config)
+        start = time.perf_counter()
+        report = DataReport(train_report, validation_report, leakage=config.leakage)
+        report.leaks, grouping = groups.find_leaks(train_rows, validation_rows)
+        report.clusters = groups.largest_clusters([*train_rows, *validation_rows], grouping)
+        if report.leaks and config.leakage == "fail":
+            raise groups.LeakageError(report.leaks, len(validation_rows))
+        if report.leaks and config.leakage == "drop":
+            leaked = {leak.validation for leak in report.leaks}
+            validation_rows = [r for r in validation_rows if r.source not in leaked]
+        if report.leaks:
+            log.warning("%d validation rows leak into training", len(report.leaks))
     else:
-        held = [
-            in_validation(r, config.validation_fraction, config.shuffle_seed) for r in train_rows
-        ]
+        start = time.perf_counter()
+        report = DataReport(train_report, None)
+        grouping = groups.group_rows(train_rows)
+        held, report.split = groups.split(
+            train_rows, config.validation_fraction, config.shuffle_seed, grouping
+        )
+        report.clusters = groups.largest_clusters(train_rows, grouping)
         validation_rows = [r for r, h in zip(train_rows, held, strict=True) if h]
         train_rows = [r for r, h in zip(train_rows, held, strict=True) if not h]
-    report = DataReport(train_report, validation_report)
+    report.grouping_seconds = time.perf_counter() - start
+    return train_rows, validation_rows, report
+
+
+def encode_splits(
+    config: ml_collections.ConfigDict,
+    tok: tokenize.SegmentTokenizer,
+    train_rows: Sequence[records.Row],
+    validation_rows: Sequence[records.Row],
+    report: DataReport,
+) -> tuple[list[Example], list[Example]]:
+    """Encode both sides with the config's template and length policy (counted in report)."""
     if config.template not in templates.TEMPLATES:
         raise ValueError(
             f"data.template {config.template!r} is not one of {list(templates.TEMPLATES)}"
@@ -146,6 +189,15 @@ def load_splits(
             f"no training examples left from {config.train_files!r}\n" + report.summary()
         )
     report.train_examples, report.validation_examples = len(train), len(validation)
+    return train, validation
+
+
+def load_splits(
+    config: ml_collections.ConfigDict, tok: tokenize.SegmentTokenizer
+) -> tuple[list[Example], list[Example], DataReport]:
+    """Read, validate, split and encode the data section's files (read_splits says what raises)."""
+    train_rows, validation_rows, report = read_splits(config)
+    train, validation = encode_splits(config, tok, train_rows, validation_rows, report)
     return train, validation, report
 
 

@@ -3,7 +3,8 @@
 Owns: expanding file specs (a list, a comma-separated string, globs), parsing JSONL and JSON
 arrays while tracking the line where each row starts, validating instruction rows
 (`instruction`, optional `input`, `response` with `output` as an alias) and chat rows
-(`messages: [{role, content}]`), dropping exact duplicates, and the `RecordReport`.
+(`messages: [{role, content}]`), dropping duplicates (rows equal after normalising case,
+punctuation and whitespace with dedup.normalize), and the `RecordReport`.
 Does not own: templates, tokenization, the validation split (pipeline.py), or exiting the
 process: with `bad_rows="fail"` it raises `BadRowsError`, which the caller's main turns into a
 non-zero exit before any training.
@@ -16,6 +17,7 @@ from collections.abc import Iterator, Sequence
 from typing import Any
 
 from sftjax import paths
+from sftjax.data import dedup
 
 MAX_PROBLEMS = 20  # problems quoted in full; all of them are counted by reason
 MAX_DUPLICATES = 5  # duplicate locations quoted in the report
@@ -49,9 +51,11 @@ class Row:
     messages: tuple[Message, ...] = ()
 
     def content_key(self) -> str:
-        """The row's content without its location: equal for exact duplicates, hashed for splits."""
-        fields = [self.instruction, self.input, self.response, [list(m) for m in self.messages]]
-        return json.dumps(fields, ensure_ascii=False)
+        """The row's normalised content without its location: equal for duplicates, even ones
+        that differ only in case, punctuation or whitespace."""
+        messages = [[role, dedup.normalize(text)] for role, text in self.messages]
+        fields = [dedup.normalize(t) for t in (self.instruction, self.input, self.response)]
+        return json.dumps([*fields, messages], ensure_ascii=False)
 
 
 @dataclasses.dataclass
@@ -63,7 +67,7 @@ class RecordReport:
     rows_kept: int = 0  # rows returned (good, not duplicates)
     bad_by_reason: dict[str, int] = dataclasses.field(default_factory=dict)
     problems: list[str] = dataclasses.field(default_factory=list)  # first MAX_PROBLEMS
-    duplicates: int = 0  # exact duplicates of an earlier row (dropped when drop_duplicates)
+    duplicates: int = 0  # rows equal to an earlier one after normalising (dropped if asked)
     duplicate_examples: list[str] = dataclasses.field(default_factory=list)
 
     @property

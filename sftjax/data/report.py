@@ -1,11 +1,15 @@
 """`python -m sftjax.data.report --config=configs/base.py --config.data.train_files=…`
 
 Owns: the data report a person reads before training: rows read, bad rows by reason (with the
-first problems at file:line), duplicates dropped, over-long examples, prompt/response length
-percentiles, packing efficiency and examples per packed row, and three rendered examples with
+first problems at file:line), duplicates dropped, the grouped split or the leakage between
+training and validation files (pairs at file:line), the largest groups of equal or
+near-duplicate prompts, the task mix, empty / one-token / instruction-repeating responses,
+over-long examples, prompt/response length percentiles, a response-length histogram (PNG at
+--histogram), packing efficiency and examples per packed row, and three rendered examples with
 the trained part marked ⟦like this⟧ (rendered from the token ids and loss mask themselves).
-Exits 1 when the config's bad_rows policy is "fail" and there are bad rows, as training would.
-Does not own: any of the computations (records, tokenize and pipeline do them).
+Exits 1 where training would refuse the data: bad rows under bad_rows="fail", leaks under
+leakage="fail".
+Does not own: any of the computations (records, groups, quality, tokenize and pipeline do them).
 """
 
 import sys
@@ -13,14 +17,18 @@ from collections.abc import Sequence
 
 import ml_collections
 import numpy as np
-from absl import app
+from absl import app, flags
 from ml_collections import config_flags
 
-from sftjax.data import pipeline, tokenize
+from sftjax.data import pipeline, quality, tokenize
 
 _CONFIG = config_flags.DEFINE_config_file("config", help_string="config file, e.g. configs/base.py")
+_HISTOGRAM = flags.DEFINE_string(
+    "histogram", "response_lengths.png", "Where to write the response-length histogram (PNG)."
+)
 
 PERCENTILES = (50, 90, 99, 100)
+CLUSTER_MEMBERS = 6  # file:line quoted per group
 TRAINED_OPEN, TRAINED_CLOSE = "⟦", "⟧"
 
 
@@ -43,19 +51,43 @@ def _percentiles(name: str, values: Sequence[int]) -> str:
     return f"{name} tokens: {cells}, mean {np.mean(values):.1f}"
 
 
+def _clusters(clusters: list[list[str]]) -> list[str]:
+    if not clusters:
+        return ["largest groups of equal or near-duplicate prompts: none (every prompt unique)"]
+    lines = ["largest groups of equal or near-duplicate prompts (rows: file:line):"]
+    for members in clusters:
+        more = (
+            f", … {len(members) - CLUSTER_MEMBERS} more" if len(members) > CLUSTER_MEMBERS else ""
+        )
+        lines.append(f"  {len(members)}: {', '.join(members[:CLUSTER_MEMBERS])}{more}")
+    return lines
+
+
 def build_report(
-    data: ml_collections.ConfigDict, tok: tokenize.SegmentTokenizer
+    data: ml_collections.ConfigDict, tok: tokenize.SegmentTokenizer, histogram: str = ""
 ) -> tuple[str, pipeline.DataReport]:
-    """Read everything (bad rows skipped so all are counted) and format the report."""
-    skipping = ml_collections.ConfigDict(data.to_dict())
-    skipping.bad_rows = "skip"
-    train, validation, report = pipeline.load_splits(skipping, tok)
+    """Read everything (bad rows skipped, leaks kept, so all are counted) and format the report.
+
+    With histogram, the response-length histogram is written there as a PNG.
+    """
+    counting = ml_collections.ConfigDict(data.to_dict())
+    counting.bad_rows = "skip"
+    counting.leakage = "warn"
+    train_rows, validation_rows, report = pipeline.read_splits(counting)
+    train, _ = pipeline.encode_splits(counting, tok, train_rows, validation_rows, report)
+    rows = [*train_rows, *validation_rows]  # the order encode_splits recorded lengths in
     efficiency, per_row = pipeline.packing_stats(
         train, seq_len=data.seq_len, seed=data.shuffle_seed, num_bins=data.packing_bins
     )
     over = report.overlong_dropped + report.prompt_truncated
+    mix = quality.task_mix(rows)
     lines = [
         report.summary(),
+        f"grouping (normalise + near-duplicate pass): {report.grouping_seconds:.2f} s",
+        *_clusters(report.clusters),
+        "task mix (leading word of the instruction): "
+        + ", ".join(f"{word or '(none)'} {100 * n / len(rows):.1f} %" for word, n in mix),
+        quality.response_flags(rows, report.response_lengths).summary(),
         f"over-long examples (> seq_len {data.seq_len} tokens): {over} "
         f"(policy {data.overlong!r}: dropped {report.overlong_dropped}, "
         f"prompt truncated {report.prompt_truncated})",
@@ -64,6 +96,9 @@ def build_report(
         f"packing at seq_len {data.seq_len}, {data.packing_bins} bins: efficiency "
         f"{efficiency:.4f} (real tokens / all tokens), {per_row:.2f} examples per row",
     ]
+    if histogram:
+        quality.write_histogram(report.response_lengths, histogram, data.seq_len)
+        lines.append(f"response-length histogram: {histogram}")
     for i, example in enumerate(train[:3]):
         lines += [
             f"--- example {i} (trained part in {TRAINED_OPEN} {TRAINED_CLOSE})",
@@ -76,12 +111,17 @@ def main(argv: Sequence[str]) -> None:
     """Print the report; exit 1 where training would refuse the data."""
     del argv
     data = _CONFIG.value.data
-    text, report = build_report(data, tokenize.load_tokenizer(data.tokenizer))
+    text, report = build_report(data, tokenize.load_tokenizer(data.tokenizer), _HISTOGRAM.value)
     print(text)
     bad = report.train_records.bad_rows
     bad += report.validation_records.bad_rows if report.validation_records else 0
+    refusals = []
     if data.bad_rows == "fail" and bad:
-        print(f"bad_rows='fail' and {bad} bad row(s): training would stop here", file=sys.stderr)
+        refusals.append(f"bad_rows='fail' and {bad} bad row(s)")
+    if data.leakage == "fail" and report.leaks:
+        refusals.append(f"leakage='fail' and {len(report.leaks)} leaking validation row(s)")
+    if refusals:
+        print("; ".join(refusals) + ": training would stop here", file=sys.stderr)
         sys.exit(1)
 
 
