@@ -5,8 +5,6 @@ import json
 import os
 import signal
 import subprocess
-import sys
-import time
 
 import jax
 import jax.numpy as jnp
@@ -14,7 +12,14 @@ import numpy as np
 import pytest
 from flax import nnx
 from hf_fixtures import our_logits
-from train_fixtures import ROOT, base_config, demo_corpus
+from train_fixtures import (
+    ROOT,
+    config_with,
+    demo_corpus,
+    main_command,
+    train_losses,
+    wait_for_step,
+)
 
 from sftjax import checkpoint, loop, metrics, sharding, train
 from sftjax import config as config_lib
@@ -50,11 +55,7 @@ def overrides(corpus, **extra) -> dict:
 
 
 def make_config(values: dict):
-    config = base_config()
-    for dotted, value in values.items():
-        section, key = dotted.split(".")
-        config[section][key] = value
-    return config
+    return config_with(values)
 
 
 def expected_stop(eval_losses: list[tuple[int, float]], patience: int, min_delta: float):
@@ -205,34 +206,7 @@ def test_invalid_config_is_explained(corpus, edit, message):
 
 
 def _cli(corpus, workdir, **extra) -> list[str]:
-    flags = [f"--config.{k}={v}" for k, v in overrides(corpus, **extra).items()]
-    return [
-        sys.executable,
-        "-m",
-        "sftjax.main",
-        f"--config={ROOT / 'configs/base.py'}",
-        f"--workdir={workdir}",
-        *flags,
-    ]
-
-
-def _train_losses(workdir) -> dict[int, float]:
-    return {
-        r["step"]: r["loss"]
-        for r in metrics.read_records(workdir / "metrics.jsonl")
-        if r["split"] == "train"
-    }
-
-
-def _wait_for_step(workdir, step: int, process, timeout: float = 240) -> None:
-    path = workdir / "metrics.jsonl"
-    deadline = time.time() + timeout
-    while time.time() < deadline:
-        assert process.poll() is None, process.communicate()
-        if path.exists() and max(_train_losses(workdir) or [0]) >= step:
-            return
-        time.sleep(0.05)
-    raise TimeoutError(f"step {step} not reached")
+    return main_command(workdir, overrides(corpus, **extra))
 
 
 def test_killed_and_terminated_run_resumes_to_identical_losses(corpus, tmp_path):
@@ -251,7 +225,7 @@ def test_killed_and_terminated_run_resumes_to_identical_losses(corpus, tmp_path)
         stdout=subprocess.PIPE,
         stderr=subprocess.STDOUT,
     )
-    _wait_for_step(run, 10, first)
+    wait_for_step(run, 10, first)
     first.send_signal(signal.SIGKILL)
     first.wait()
 
@@ -262,7 +236,7 @@ def test_killed_and_terminated_run_resumes_to_identical_losses(corpus, tmp_path)
         stdout=subprocess.PIPE,
         stderr=subprocess.STDOUT,
     )
-    _wait_for_step(run, 14, second)
+    wait_for_step(run, 14, second)
     second.send_signal(signal.SIGTERM)
     output = second.communicate(timeout=120)[0].decode()
     assert second.returncode == 0, output
@@ -271,7 +245,7 @@ def test_killed_and_terminated_run_resumes_to_identical_losses(corpus, tmp_path)
     assert saved >= 14
 
     subprocess.run(_cli(corpus, run, **extra), check=True, env=env, cwd=ROOT, capture_output=True)
-    expected, resumed = _train_losses(reference), _train_losses(run)
+    expected, resumed = train_losses(reference), train_losses(run)
     assert sorted(resumed) == sorted(expected) == list(range(1, 21))
     np.testing.assert_array_equal(
         [resumed[s] for s in range(1, 21)], [expected[s] for s in range(1, 21)]

@@ -17,9 +17,17 @@ import time
 import numpy as np
 import pytest
 from multihost_fixtures import device_env, slurm_env
-from train_fixtures import ROOT, base_config, demo_corpus
+from train_fixtures import (
+    ROOT,
+    config_with,
+    demo_corpus,
+    main_command,
+    short_run,
+    train_losses,
+    wait_for_step,
+)
 
-from sftjax import loop, metrics
+from sftjax import loop
 
 STEPS = 16
 
@@ -30,60 +38,11 @@ def corpus(tmp_path_factory):
 
 
 def settings(corpus, **extra) -> dict:
-    train, val, tok_dir, vocab = corpus
-    values = {
-        "data.train_files": str(train),
-        "data.validation_files": str(val),
-        "data.tokenizer": str(tok_dir),
-        "data.seq_len": 128,
-        "data.num_epochs": 20,
-        "model.preset": "tiny",
-        "model.vocab_size": vocab,
-        "model.dtype": "float32",
-        "train.batch_size": 8,
-        "train.num_steps": STEPS,
-        "train.log_every_steps": 1,
-        "eval.every_steps": 4,
-        "eval.batch_size": 8,
-        "eval.patience": 100,
-        "optim.lr": 3e-3,
-        "optim.warmup_ratio": 0.0,
-        "checkpoint.max_to_keep": 10,
-        "checkpoint.export_hf": False,
-    }
-    return {**values, **extra}
+    return short_run(*corpus, **extra)
 
 
 def command(corpus, workdir, *, multihost: bool = False, **extra) -> list[str]:
-    flags = [f"--config.{k}={v}" for k, v in settings(corpus, **extra).items()]
-    return [
-        sys.executable,
-        "-m",
-        "sftjax.main",
-        f"--config={ROOT / 'configs/base.py'}",
-        f"--workdir={workdir}",
-        *(["--multihost"] if multihost else []),
-        *flags,
-    ]
-
-
-def train_losses(workdir) -> dict[int, float]:
-    return {
-        r["step"]: r["loss"]
-        for r in metrics.read_records(workdir / "metrics.jsonl")
-        if r["split"] == "train"
-    }
-
-
-def wait_for_step(workdir, step: int, processes, timeout: float = 240) -> None:
-    deadline = time.time() + timeout
-    while time.time() < deadline:
-        for p in processes:
-            assert p.poll() is None, p.communicate()[0]
-        if (workdir / "metrics.jsonl").exists() and max(train_losses(workdir) or [0]) >= step:
-            return
-        time.sleep(0.05)
-    raise TimeoutError(f"step {step} not reached")
+    return main_command(workdir, settings(corpus, **extra), *(["--multihost"] if multihost else []))
 
 
 def saved_steps(workdir) -> list[int]:
@@ -94,11 +53,7 @@ def saved_steps(workdir) -> list[int]:
 def reference(corpus, tmp_path_factory):
     """Losses of an uninterrupted run: one process, 8 devices (fsdp 8), every checkpoint kept."""
     workdir = tmp_path_factory.mktemp("reference")
-    config = base_config()
-    for dotted, value in settings(corpus).items():
-        section, key = dotted.split(".")
-        config[section][key] = value
-    result = loop.fit(config, workdir)
+    result = loop.fit(config_with(settings(corpus)), workdir)
     assert result.stop_reason == "completed" and result.last_step == STEPS
     return workdir, train_losses(workdir)
 
@@ -170,10 +125,7 @@ def test_sigterm_on_one_host_stops_all_at_one_step_and_resumes(corpus, reference
 
     # Restore onto another slice: 2 processes x 2 devices (fsdp 4) -> 1 process x 8 devices as
     # fsdp 4 x tensor 2, same global batch.
-    config = base_config()
-    for dotted, value in settings(corpus, **{"mesh.fsdp": 4, "mesh.tensor": 2}).items():
-        section, key = dotted.split(".")
-        config[section][key] = value
+    config = config_with(settings(corpus, **{"mesh.fsdp": 4, "mesh.tensor": 2}))
     result = loop.fit(config, moved)
     assert result.stop_reason == "completed"
     assert_losses_match(moved, reference[1])

@@ -14,7 +14,6 @@ import resource
 import shutil
 import signal
 import subprocess
-import sys
 import time
 
 import jax
@@ -22,9 +21,9 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 from multihost_fixtures import device_env
-from train_fixtures import ROOT, base_config, demo_corpus
+from train_fixtures import ROOT, config_with, demo_corpus, main_command, short_run, train_losses
 
-from sftjax import checkpoint, loop, metrics, sharding
+from sftjax import checkpoint, loop, sharding
 from sftjax.model import hf_io
 
 STEPS = 16
@@ -36,40 +35,11 @@ def corpus(tmp_path_factory):
 
 
 def settings(corpus, **extra) -> dict:
-    train_file, val, tok_dir, vocab = corpus
-    values = {
-        "data.train_files": str(train_file),
-        "data.validation_files": str(val),
-        "data.tokenizer": str(tok_dir),
-        "data.seq_len": 128,
-        "data.num_epochs": 20,
-        "model.vocab_size": vocab,
-        "model.dtype": "float32",
-        "train.batch_size": 8,
-        "train.num_steps": STEPS,
-        "train.log_every_steps": 1,
-        "eval.every_steps": 4,
-        "eval.batch_size": 8,
-        "eval.patience": 100,
-        "optim.lr": 3e-3,
-        "optim.warmup_ratio": 0.0,
-        "checkpoint.max_to_keep": 10,
-        "checkpoint.export_hf": False,
-    }
-    return {**values, **extra}
+    return short_run(*corpus, **extra)
 
 
 def make_config(corpus, **extra):
-    config = base_config()
-    for dotted, value in settings(corpus, **extra).items():
-        section, key = dotted.split(".")
-        config[section][key] = value
-    return config
-
-
-def train_losses(workdir) -> dict[int, float]:
-    records = metrics.read_records(workdir / "metrics.jsonl")
-    return {r["step"]: r["loss"] for r in records if r["split"] == "train"}
+    return config_with(settings(corpus, **extra))
 
 
 @pytest.fixture(scope="module")
@@ -145,15 +115,7 @@ def test_a_state_holding_nan_is_never_saved(tmp_path):
 
 
 def _command(corpus, workdir, **extra) -> list[str]:
-    flags = [f"--config.{k}={v}" for k, v in settings(corpus, **extra).items()]
-    return [
-        sys.executable,
-        "-m",
-        "sftjax.main",
-        f"--config={ROOT / 'configs/base.py'}",
-        f"--workdir={workdir}",
-        *flags,
-    ]
+    return main_command(workdir, settings(corpus, **extra))
 
 
 @pytest.mark.slow

@@ -19,9 +19,9 @@ import jax
 import numpy as np
 import pytest
 from multihost_fixtures import device_env
-from train_fixtures import ROOT, demo_corpus
+from train_fixtures import ROOT, demo_corpus, main_command, short_run, train_losses
 
-from sftjax import metrics, paths, sharding
+from sftjax import paths, sharding
 from sftjax.model import hf_io, llama
 
 BUCKET = "sftjax-test"
@@ -82,39 +82,19 @@ def sources(emulator, tmp_path_factory):
     return local, remote
 
 
-def run_command(workdir, data_root, *extra: str) -> list[str]:
-    values = {
-        "data.train_files": f"{data_root}/train*.jsonl",
-        "data.validation_files": f"{data_root}/val.jsonl",
-        "data.tokenizer": f"{data_root}/tokenizer",
-        "model.hf_path": f"{data_root}/model",
-        "model.dtype": "float32",
-        "data.seq_len": 128,
-        "data.num_epochs": 20,
-        "train.batch_size": 8,
-        "train.num_steps": 16,
-        "train.log_every_steps": 1,
-        "eval.every_steps": 4,
-        "eval.batch_size": 8,
-        "eval.patience": 100,
-        "optim.lr": 3e-3,
-        "optim.warmup_ratio": 0.0,
-        "checkpoint.export_dtype": "float32",
-    }
-    return [
-        sys.executable,
-        "-m",
-        "sftjax.main",
-        f"--config={ROOT / 'configs/base.py'}",
-        f"--workdir={workdir}",
-        *(f"--config.{k}={v}" for k, v in values.items()),
-        *extra,
-    ]
+def run_command(workdir, data_root) -> list[str]:
+    values = short_run(
+        f"{data_root}/train*.jsonl",
+        f"{data_root}/val.jsonl",
+        f"{data_root}/tokenizer",
+        **{"model.hf_path": f"{data_root}/model", "checkpoint.export_hf": True},
+        **{"checkpoint.export_dtype": "float32", "checkpoint.max_to_keep": 2},
+    )
+    return main_command(workdir, values)
 
 
 def losses(workdir) -> list[float]:
-    records = metrics.read_records(paths.resolve(workdir) / "metrics.jsonl")
-    train = {r["step"]: r["loss"] for r in records if r["split"] == "train"}
+    train = train_losses(paths.resolve(workdir))
     assert sorted(train) == list(range(1, 17))
     return [train[s] for s in range(1, 17)]
 

@@ -2,6 +2,8 @@
 
 import importlib.util
 import pathlib
+import sys
+import time
 
 import jax
 import numpy as np
@@ -84,3 +86,70 @@ def demo_corpus(directory: pathlib.Path, *, n_train: int = 400, n_val: int = 60)
         tok_dir,
         vocab,
     )
+
+
+def short_run(train, validation, tokenizer, vocab: int = 0, **extra) -> dict:
+    """Config overrides of a 16-step tiny run: eval and checkpoint every 4 steps, all kept."""
+    values = {
+        "data.train_files": str(train),
+        "data.validation_files": str(validation),
+        "data.tokenizer": str(tokenizer),
+        "data.seq_len": 128,
+        "data.num_epochs": 20,
+        "model.vocab_size": vocab,
+        "model.dtype": "float32",
+        "train.batch_size": 8,
+        "train.num_steps": 16,
+        "train.log_every_steps": 1,
+        "eval.every_steps": 4,
+        "eval.batch_size": 8,
+        "eval.patience": 100,
+        "optim.lr": 3e-3,
+        "optim.warmup_ratio": 0.0,
+        "checkpoint.max_to_keep": 10,
+        "checkpoint.export_hf": False,
+    }
+    return {**values, **extra}
+
+
+def config_with(values: dict):
+    """configs/base.py with `{"section.key": value}` overrides applied."""
+    config = base_config()
+    for dotted, value in values.items():
+        section, key = dotted.split(".")
+        config[section][key] = value
+    return config
+
+
+def main_command(workdir, values: dict, *flags: str) -> list[str]:
+    """`python -m sftjax.main` on configs/base.py with `values` as --config.* overrides."""
+    return [
+        sys.executable,
+        "-m",
+        "sftjax.main",
+        f"--config={ROOT / 'configs/base.py'}",
+        f"--workdir={workdir}",
+        *flags,
+        *(f"--config.{k}={v}" for k, v in values.items()),
+    ]
+
+
+def train_losses(workdir) -> dict[int, float]:
+    """{step: train loss} from a workdir's metrics.jsonl (local or gs://)."""
+    from sftjax import metrics
+
+    records = metrics.read_records(workdir / "metrics.jsonl")
+    return {r["step"]: r["loss"] for r in records if r["split"] == "train"}
+
+
+def wait_for_step(workdir, step: int, processes, timeout: float = 240) -> None:
+    """Until metrics.jsonl shows `step` trained; fails if a process ended first."""
+    processes = processes if isinstance(processes, list) else [processes]
+    deadline = time.time() + timeout
+    while time.time() < deadline:
+        for p in processes:
+            assert p.poll() is None, p.communicate()[0]
+        if (workdir / "metrics.jsonl").exists() and max(train_losses(workdir) or [0]) >= step:
+            return
+        time.sleep(0.05)
+    raise TimeoutError(f"step {step} not reached")
