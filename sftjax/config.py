@@ -24,6 +24,10 @@ CHOICES = {
 }
 
 
+# Any one of these in a directory lets transformers build a fast tokenizer.
+TOKENIZER_FILES = ("tokenizer.json", "tokenizer.model", "vocab.json")
+
+
 class ConfigError(ValueError):
     """One or more config problems, each on its own line with the fix."""
 
@@ -41,6 +45,25 @@ def model_config(model: ml_collections.ConfigDict) -> llama.LlamaConfig:
         return hf_io.read_config(model.hf_path, **numerics)
     vocab = {"vocab_size": model.vocab_size} if model.vocab_size else {}
     return llama.preset(model.preset, **numerics, **vocab)
+
+
+def _data_file_errors(key: str, spec: str) -> list[str]:
+    """Problems with a data.*_files spec: nothing matching, or a directory instead of files."""
+    if key == "data.train_files" and not spec.strip():
+        return [f"config.{key} is empty; give JSON/JSONL paths"]
+    errors = []
+    for entry in (p.strip() for p in spec.split(",") if p.strip()):
+        matches = glob.glob(entry)
+        if not matches:
+            errors.append(
+                f"config.{key}: no file matches {entry!r}; give existing JSON/JSONL paths"
+            )
+        elif not glob.has_magic(entry) and pathlib.Path(entry).is_dir():
+            errors.append(
+                f"config.{key}: {entry!r} is a directory; name its data files, e.g. "
+                f"{str(pathlib.Path(entry) / '*.jsonl')!r}"
+            )
+    return errors
 
 
 def _get(config, dotted: str):
@@ -79,23 +102,31 @@ def validate(config: ml_collections.ConfigDict, num_devices: int, num_processes:
     if ev.every_steps < 1 or ev.patience < 1:
         errors.append("config.eval.every_steps and config.eval.patience must be >= 1")
 
+    if config.checkpoint.max_to_keep < 1:
+        errors.append(
+            f"config.checkpoint.max_to_keep={config.checkpoint.max_to_keep}: keep at least 1 "
+            "checkpoint (the newest is what a restart resumes from)"
+        )
+
     for key in ("data.train_files", "data.validation_files"):
-        spec = _get(config, key)
-        missing = [p for p in str(spec).split(",") if p.strip() and not glob.glob(p.strip())]
-        if key == "data.train_files" and not spec:
-            missing = ["(empty)"]
-        if missing:
-            errors.append(
-                f"config.{key}: no file matches {missing}; give existing JSON/JSONL paths"
-            )
-    if not pathlib.Path(config.data.tokenizer or "/nonexistent").is_dir():
+        errors += _data_file_errors(key, str(_get(config, key)))
+    tokenizer = pathlib.Path(config.data.tokenizer or "/nonexistent")
+    if not tokenizer.is_dir():
         errors.append(
             f"config.data.tokenizer={config.data.tokenizer!r}: not a directory; give a local "
             "Hugging Face tokenizer directory (tokenizer.json / tokenizer.model)"
         )
+    elif not any((tokenizer / name).exists() for name in TOKENIZER_FILES):
+        errors.append(
+            f"config.data.tokenizer={config.data.tokenizer!r}: holds none of "
+            f"{', '.join(TOKENIZER_FILES)}; give the directory a Hugging Face tokenizer was "
+            "saved to"
+        )
 
     try:
         cfg = model_config(config.model)
+        if config.model.hf_path:  # refuse pickle-only weights now, not after tokenizing
+            hf_io.weight_files(pathlib.Path(config.model.hf_path))
     except (ValueError, OSError) as e:
         errors.append(f"config.model: {e}")
         cfg = None

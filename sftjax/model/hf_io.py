@@ -138,7 +138,7 @@ def _expected_keys(cfg: llama.LlamaConfig):
             yield name.format(i=i), path, transform, i
 
 
-def _weight_files(directory: pathlib.Path) -> dict[str, pathlib.Path]:
+def weight_files(directory: pathlib.Path) -> dict[str, pathlib.Path]:
     """HF tensor name -> safetensors file holding it (single file or sharded with an index)."""
     index = directory / "model.safetensors.index.json"
     if index.exists():
@@ -182,7 +182,7 @@ def load_pretrained(
     """
     directory = pathlib.Path(path)
     cfg = read_config(directory, **overrides)
-    files = _weight_files(directory)
+    files = weight_files(directory)
     mesh = mesh if mesh is not None else sharding.make_mesh(devices=jax.devices()[:1])
     graphdef, abstract_state = nnx.split(llama.abstract(cfg, mesh, rules))
     targets = nnx.to_pure_dict(abstract_state)
