@@ -227,7 +227,7 @@ def test_paths_globs_and_lists(tmp_path):
     assert records.expand_paths(str(tmp_path / "*.jsonl")) == [a, b]
     assert records.expand_paths(f"{b}, {a}") == [b, a]
     assert records.expand_paths([a]) == [a]
-    with pytest.raises(FileNotFoundError, match="nope"):
+    with pytest.raises(records.DataError, match="nope"):
         records.expand_paths(str(tmp_path / "nope*.jsonl"))
 
 

@@ -117,10 +117,10 @@ def expand_paths(spec: str | Sequence[str]) -> list[str]:
         matches = sorted(glob.glob(entry)) if glob.has_magic(entry) else [entry]
         matches = [m for m in matches if os.path.isfile(m)]
         if not matches:
-            raise FileNotFoundError(f"no data file matches {entry!r}")
+            raise DataError(f"no data file matches {entry!r}")
         paths += matches
     if not paths:
-        raise FileNotFoundError(f"no data files given ({spec!r})")
+        raise DataError(f"no data files given ({spec!r})")
     return paths
 
 

@@ -4,7 +4,8 @@ Owns: the data report a person reads before training: rows read, bad rows by rea
 first problems at file:line), duplicates dropped, over-long examples, prompt/response length
 percentiles, packing efficiency and examples per packed row, and three rendered examples with
 the trained part marked ⟦like this⟧ (rendered from the token ids and loss mask themselves).
-Exits 1 when the config's bad_rows policy is "fail" and there are bad rows, as training would.
+Exits 1 when the config's bad_rows policy is "fail" and there are bad rows, as training would;
+2 with one message when the data cannot be read at all (no file, empty file, no rows left).
 Does not own: any of the computations (records, tokenize and pipeline do them).
 """
 
@@ -13,9 +14,9 @@ from collections.abc import Sequence
 
 import ml_collections
 import numpy as np
-from absl import app
 from ml_collections import config_flags
 
+from sftjax import cli
 from sftjax.data import pipeline, tokenize
 
 _CONFIG = config_flags.DEFINE_config_file("config", help_string="config file, e.g. configs/base.py")
@@ -75,6 +76,7 @@ def build_report(
 def main(argv: Sequence[str]) -> None:
     """Print the report; exit 1 where training would refuse the data."""
     del argv
+    cli.setup_logging()
     data = _CONFIG.value.data
     text, report = build_report(data, tokenize.load_tokenizer(data.tokenizer))
     print(text)
@@ -86,4 +88,4 @@ def main(argv: Sequence[str]) -> None:
 
 
 if __name__ == "__main__":
-    app.run(main)
+    cli.run(main)
