@@ -37,6 +37,7 @@ USER_ERROR_EXIT = 2
 
 _CONFIG_FILE = re.compile(r"^--?config(?:=(.*))?$")
 _OVERRIDE = re.compile(r"^--?(?:no)?config\.([\w.]+)(?:=|$)")
+_VERBOSE_FLAG = re.compile(r"^--?verbose(?:=(?:true|True|1))?$")
 
 
 def setup_logging() -> None:
@@ -133,8 +134,8 @@ def parse_flags(argv: list[str]) -> list[str]:
     try:
         rest = flags.FLAGS(argv)
     except Exception as e:  # flag errors, and the KeyError/AttributeError of ml_collections
-        if "--verbose" in argv:
-            raise
+        if any(_VERBOSE_FLAG.match(arg) for arg in argv):  # FLAGS is not parsed: read argv
+            traceback.print_exc()
         config = _load_config_file(argv)
         if config is not None:
             for arg in argv[1:]:
@@ -145,7 +146,7 @@ def parse_flags(argv: list[str]) -> list[str]:
         first_line = (str(e).strip() or type(e).__name__).splitlines()[0]
         _user_error(f"{first_line} (--verbose shows the traceback)")
     problem = _config_load_error(argv)
-    if problem and "--verbose" not in argv:
+    if problem:
         _user_error(problem)
     return rest
 

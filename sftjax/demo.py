@@ -64,7 +64,8 @@ def prepare(
                 "flags to resume, or give a new --workdir"
             )
     else:
-        if workdir.exists() and set(p.name for p in workdir.iterdir()) - {"data", "tokenizer"}:
+        ours = {"data", "tokenizer", workdir_lock.LOCK_NAME, f"{workdir_lock.LOCK_NAME}.takeover"}
+        if workdir.exists() and {p.name for p in workdir.iterdir()} - ours:
             raise config_lib.ConfigError(
                 f"{workdir} is not empty and holds no demo data; give a new --workdir"
             )
