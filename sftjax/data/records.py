@@ -142,6 +142,7 @@ def _scan_jsonl(data: bytes) -> Iterator[tuple[int, Any]]:
 
 
 _FIRST_ON_LINE = re.compile(r"^([ \t\r]*)\S", re.MULTILINE)
+_ONLY_SPACE_LEFT = re.compile(r"\s*\Z")  # matched from a position: stops at the first non-space
 
 
 def _next_element(text: str, start: int, indent: str | None) -> int | None:
@@ -155,7 +156,7 @@ def _next_element(text: str, start: int, indent: str | None) -> int | None:
         pos = match.end() - 1
         if pos < start:
             continue
-        if text[pos] == "]" and not text[pos + 1 :].strip():
+        if text[pos] == "]" and _ONLY_SPACE_LEFT.match(text, pos + 1):
             return pos
         if indent is not None and match.group(1) != indent:
             continue
@@ -175,7 +176,7 @@ def _scan_json_array(text: str, path: str) -> Iterator[tuple[int, Any]]:
     """
     decoder = json.JSONDecoder()
     pos, line, counted = text.index("[") + 1, 1, 0
-    indent = None  # what precedes an element on its line, learnt from the first one
+    indent = None  # what precedes an element on its line, from the first that starts a line
 
     def line_at(p: int) -> int:
         nonlocal line, counted
@@ -193,12 +194,12 @@ def _scan_json_array(text: str, path: str) -> Iterator[tuple[int, Any]]:
         if pos >= len(text):
             raise DataError(f"{path}:{line_at(pos)}: the JSON array ends without its closing ']'")
         if text[pos] == "]":
-            if text[pos + 1 :].strip():
+            if not _ONLY_SPACE_LEFT.match(text, pos + 1):
                 raise DataError(f"{path}:{line_at(pos)}: text after the array's closing ']'")
             return
-        prefix = text[text.rfind("\n", 0, pos) + 1 : pos]
-        if indent is None and not prefix.strip():
-            indent = prefix
+        if indent is None:
+            prefix = text[text.rfind("\n", 0, pos) + 1 : pos]
+            indent = prefix if not prefix.strip() else None
         try:
             element, end = decoder.raw_decode(text, pos)
         except json.JSONDecodeError as e:
