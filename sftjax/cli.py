@@ -62,10 +62,10 @@ def _load_config_file(argv: Sequence[str]) -> Any:
     path = None
     for i, arg in enumerate(argv):
         match = _CONFIG_FILE.match(arg)
-        if match:
-            path = (
-                match.group(1) if match.group(1) is not None else (argv[i + 1 : i + 2] or [None])[0]
-            )
+        if match and match.group(1) is not None:  # --config=path
+            path = match.group(1)
+        elif match and i + 1 < len(argv):  # --config path
+            path = argv[i + 1]
     if path is None:
         try:
             default = flags.FLAGS["config"].default_as_str
@@ -117,7 +117,7 @@ def _closest(key: str, leaves: list[str]) -> list[str]:
     return (short + [k for k in close if k not in short])[:3]
 
 
-def _config_load_error(argv: Sequence[str]) -> str | None:
+def _config_load_error() -> str | None:
     """Why the --config file did not load (ml_collections defers that error to first use)."""
     if "config" not in flags.FLAGS or flags.FLAGS["config"].value is None:
         return None
@@ -137,15 +137,14 @@ def parse_flags(argv: list[str]) -> list[str]:
         if any(_VERBOSE_FLAG.match(arg) for arg in argv):  # FLAGS is not parsed: read argv
             traceback.print_exc()
         config = _load_config_file(argv)
-        if config is not None:
-            for arg in argv[1:]:
-                match = _OVERRIDE.match(arg)
-                message = match and unknown_key_message(match.group(1), config.to_dict())
-                if message:
-                    _user_error(message)
+        tree = config.to_dict() if config is not None else {}
+        for match in filter(None, map(_OVERRIDE.match, argv[1:] if tree else [])):
+            message = unknown_key_message(match.group(1), tree)
+            if message:
+                _user_error(message)
         first_line = (str(e).strip() or type(e).__name__).splitlines()[0]
         _user_error(f"{first_line} (--verbose shows the traceback)")
-    problem = _config_load_error(argv)
+    problem = _config_load_error()
     if problem:
         _user_error(problem)
     return rest

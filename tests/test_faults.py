@@ -18,8 +18,8 @@ import tokenizers
 import transformers
 from train_fixtures import ROOT, base_config, demo_corpus
 
+from sftjax import cli, metrics
 from sftjax import config as config_lib
-from sftjax import metrics
 
 TPU_PROBE_LINE = "Unable to initialize backend"
 HOLDER = """import sys, time
@@ -94,6 +94,16 @@ def test_config_key_typo_names_the_closest_keys(corpus, tmp_path):
     error = _assert_user_error(done, "--config.optim.learning_rate: no such config key")
     assert error.count("\n") == 1  # one line
     assert "did you mean optim.lr" in error
+
+
+def test_key_hints_for_typos_in_sections_and_leaves():
+    tree = base_config().to_dict()
+    assert cli.unknown_key_message("optim.lr", tree) is None
+    assert cli.unknown_key_message("optim", tree) is None  # a whole section may be overridden
+    hint = cli.unknown_key_message("optm.lr", tree)
+    assert hint.startswith("--config.optm.lr: no such config key; did you mean optim.lr")
+    assert "did you mean data.pack or" in cli.unknown_key_message("data.pak", tree)
+    assert "did you mean optim.lr" in cli.unknown_key_message("optim.lr.peak", tree)
 
 
 def test_config_value_of_the_wrong_type_is_one_line(corpus, tmp_path):
