@@ -37,6 +37,9 @@ def get_config() -> ml_collections.ConfigDict:
     c.train.seed = 0  # seeds parameter init (random init only)
     c.train.log_every_steps = 10  # metrics to TensorBoard, metrics.jsonl and the progress bar
     c.train.peak_tflops_per_device = 0.0  # for MFU; 0 = look up the device kind (unknown: none)
+    # Resume even though keys that change the run's math or data order differ from the
+    # checkpoint's config (they are listed, then used). Shape-changing keys stay refused.
+    c.train.allow_config_change = False
 
     c.eval = ml_collections.ConfigDict()
     c.eval.every_steps = 200  # evaluate the whole validation set every this many steps

@@ -1,11 +1,11 @@
 """Llama-2-70B supervised fine-tuning: configs/base.py plus the published SFT recipe.
 
 70B does NOT fit on 8 chips: fp32 weights + Adam are 12 B/param = 828 GB, 103 GB per chip
-over 8 chips before any activation. The TPU compiler agrees (JAX_NOTES, 8 v5p chips, topology
-2x2x2: "HLO temporaries (132.90G) exceeds available HBM (95.74G)"; on 16 chips 48.2 GiB of
-arguments + 26.7 GiB of temporaries per chip). Launch it on >= 16 chips of 95 GB (v5p-32: 16
-chips, 4 hosts) or on more 80 GB GPUs (e.g. 4 nodes × 8 H100, an untested estimate) with
-launch/tpu_pod.sh or launch/slurm.sbatch, which run on every host:
+over 8 chips before any activation. The TPU compiler agrees (docs/jax_notes.md: 8 v5p chips,
+topology 2x2x2: "HLO temporaries (132.90G) exceeds available HBM (95.74G)"; on 16 chips
+48.2 GiB of arguments + 26.7 GiB of temporaries per chip). Launch it on >= 16 chips of
+95 GB (v5p-32: 16 chips, 4 hosts) or on more 80 GB GPUs (e.g. 4 nodes × 8 H100, an untested
+estimate) with launch/tpu_pod.sh or launch/slurm.sbatch, which run on every host:
   python -m sftjax.main --multihost --config=configs/llama2_70b.py --workdir=/shared/runs/70b \
     --config.model.hf_path=/data/Llama-2-70b-hf --config.data.tokenizer=/data/Llama-2-70b-hf \
     --config.data.train_files=/data/sft/train.jsonl

@@ -22,6 +22,10 @@ CHOICES = {
 }
 
 
+# Any one of these in a directory lets transformers build a fast tokenizer.
+TOKENIZER_FILES = ("tokenizer.json", "tokenizer.model", "vocab.json")
+
+
 class ConfigError(ValueError):
     """One or more config problems, each on its own line with the fix."""
 
@@ -39,6 +43,25 @@ def model_config(model: ml_collections.ConfigDict) -> llama.LlamaConfig:
         return hf_io.read_config(model.hf_path, **numerics)
     vocab = {"vocab_size": model.vocab_size} if model.vocab_size else {}
     return llama.preset(model.preset, **numerics, **vocab)
+
+
+def _data_file_errors(key: str, spec: str) -> list[str]:
+    """Problems with a data.*_files spec: nothing matching, or a directory instead of files."""
+    if key == "data.train_files" and not spec.strip():
+        return [f"config.{key} is empty; give JSON/JSONL paths"]
+    errors = []
+    for entry in (p.strip() for p in spec.split(",") if p.strip()):
+        matches = [m for m in paths.expand([entry]) if paths.resolve(m).exists()]
+        if not matches:
+            errors.append(
+                f"config.{key}: no file matches {entry!r}; give existing JSON/JSONL paths"
+            )
+        elif paths.resolve(matches[0]).is_dir() and matches == [entry]:
+            errors.append(
+                f"config.{key}: {entry!r} is a directory; name its data files, e.g. "
+                f"{entry.rstrip('/') + '/*.jsonl'!r}"
+            )
+    return errors
 
 
 def _get(config, dotted: str):
@@ -77,23 +100,31 @@ def validate(config: ml_collections.ConfigDict, num_devices: int, num_processes:
     if ev.every_steps < 1 or ev.patience < 1:
         errors.append("config.eval.every_steps and config.eval.patience must be >= 1")
 
+    if config.checkpoint.max_to_keep < 1:
+        errors.append(
+            f"config.checkpoint.max_to_keep={config.checkpoint.max_to_keep}: keep at least 1 "
+            "checkpoint (the newest is what a restart resumes from)"
+        )
+
     for key in ("data.train_files", "data.validation_files"):
-        spec = _get(config, key)
-        missing = [e for e in str(spec).split(",") if e.strip() and not _matches(e.strip())]
-        if key == "data.train_files" and not spec:
-            missing = ["(empty)"]
-        if missing:
-            errors.append(
-                f"config.{key}: no file matches {missing}; give existing JSON/JSONL paths"
-            )
-    if not config.data.tokenizer or not paths.resolve(config.data.tokenizer).is_dir():
+        errors += _data_file_errors(key, str(_get(config, key)))
+    tokenizer = paths.resolve(config.data.tokenizer or "/nonexistent")
+    if not tokenizer.is_dir():
         errors.append(
             f"config.data.tokenizer={config.data.tokenizer!r}: not a directory; give a local "
             "Hugging Face tokenizer directory (tokenizer.json / tokenizer.model)"
         )
+    elif not any((tokenizer / name).exists() for name in TOKENIZER_FILES):
+        errors.append(
+            f"config.data.tokenizer={config.data.tokenizer!r}: holds none of "
+            f"{', '.join(TOKENIZER_FILES)}; give the directory a Hugging Face tokenizer was "
+            "saved to"
+        )
 
     try:
         cfg = model_config(config.model)
+        if config.model.hf_path:  # refuse pickle-only weights now, not after tokenizing
+            hf_io.weight_files(paths.resolve(config.model.hf_path))
     except (ValueError, OSError) as e:
         errors.append(f"config.model: {e}")
         cfg = None
@@ -119,8 +150,3 @@ def validate(config: ml_collections.ConfigDict, num_devices: int, num_processes:
             )
     if errors:
         raise ConfigError("invalid config:\n  " + "\n  ".join(errors))
-
-
-def _matches(entry: str) -> bool:
-    """Whether a data file entry (path or glob, local or URL) names at least one file."""
-    return any(paths.resolve(m).exists() for m in paths.expand([entry]))

@@ -4,19 +4,19 @@ Writes synthetic instruction data and trains a tokenizer (demo_data.py), fine-tu
 config through the same `loop.fit` as the 7B config (early stopping restores the best
 checkpoint), then answers held-out test instructions with the KV-cache generator and prints
 exact-match accuracy per task type and five sample answers. Nothing is downloaded.
+Rerun with the same --workdir after an interruption (SIGTERM saves a checkpoint) to resume.
 """
 
 import collections
 import json
-import logging
 import pathlib
-import sys
 import time
 
-from absl import app, flags
+from absl import flags
 from ml_collections import config_flags
 
-from sftjax import demo_data, generate, loop
+from sftjax import cli, demo_data, generate, loop, workdir_lock
+from sftjax import config as config_lib
 from sftjax.data import tokenize
 
 _CONFIG = config_flags.DEFINE_config_file(
@@ -24,7 +24,9 @@ _CONFIG = config_flags.DEFINE_config_file(
     str(pathlib.Path(__file__).resolve().parents[1] / "configs/tiny.py"),
     "Demo config; data paths are replaced by the files this run writes.",
 )
-_WORKDIR = flags.DEFINE_string("workdir", None, "Fresh directory for data, checkpoints, export.")
+_WORKDIR = flags.DEFINE_string(
+    "workdir", None, "Directory for data, checkpoints, export; a rerun there resumes."
+)
 _TRAIN_ROWS = flags.DEFINE_integer("train_rows", 1800, "Synthetic training instructions.")
 _VALIDATION_ROWS = flags.DEFINE_integer("validation_rows", 200, "Validation instructions.")
 _TEST_PER_TASK = flags.DEFINE_integer("test_per_task", 20, "Held-out test items per task type.")
@@ -40,19 +42,49 @@ def prepare(
     test_per_task: int,
     seed: int,
 ) -> list[dict]:
-    """Write data + tokenizer under workdir, point `config` at them; return the test rows."""
-    train, validation, test = demo_data.make_splits(
-        seed, train_rows, validation_rows, test_per_task
-    )
+    """Write data + tokenizer under workdir, point `config` at them; return the test rows.
+
+    A rerun in the same workdir (e.g. after SIGTERM) reuses what the first run wrote, so the
+    training resumes on the same data; it must ask for the same data, or it is refused.
+    """
     data = workdir / "data"
-    config.data.train_files = str(demo_data.write_jsonl(train, data / "train.jsonl"))
-    config.data.validation_files = str(demo_data.write_jsonl(validation, data / "validation.jsonl"))
-    demo_data.write_jsonl(test, data / "test.jsonl")
-    texts = [f"{r['instruction']}\n{r['response']}" for r in train]
-    vocab = demo_data.train_tokenizer(texts, workdir / "tokenizer", config.model.vocab_size or 512)
+    made = {
+        "train_rows": train_rows,
+        "validation_rows": validation_rows,
+        "test_per_task": test_per_task,
+        "seed": seed,
+    }
+    marker = data / "prepared.json"  # written last: its presence means the data is complete
+    if marker.exists():
+        saved = json.loads(marker.read_text())
+        vocab = saved.pop("vocab_size")
+        if saved != made:
+            raise config_lib.ConfigError(
+                f"{workdir} holds demo data made with {saved}, not {made}; rerun with those "
+                "flags to resume, or give a new --workdir"
+            )
+    else:
+        ours = {"data", "tokenizer", workdir_lock.LOCK_NAME, f"{workdir_lock.LOCK_NAME}.takeover"}
+        if workdir.exists() and {p.name for p in workdir.iterdir()} - ours:
+            raise config_lib.ConfigError(
+                f"{workdir} is not empty and holds no demo data; give a new --workdir"
+            )
+        train, validation, test = demo_data.make_splits(
+            seed, train_rows, validation_rows, test_per_task
+        )
+        demo_data.write_jsonl(train, data / "train.jsonl")
+        demo_data.write_jsonl(validation, data / "validation.jsonl")
+        demo_data.write_jsonl(test, data / "test.jsonl")
+        texts = [f"{r['instruction']}\n{r['response']}" for r in train]
+        vocab = demo_data.train_tokenizer(
+            texts, workdir / "tokenizer", config.model.vocab_size or 512
+        )
+        marker.write_text(json.dumps({**made, "vocab_size": vocab}))
+    config.data.train_files = str(data / "train.jsonl")
+    config.data.validation_files = str(data / "validation.jsonl")
     config.data.tokenizer = str(workdir / "tokenizer")
     config.model.vocab_size = vocab
-    return test
+    return [json.loads(line) for line in (data / "test.jsonl").read_text().splitlines()]
 
 
 def score(model, tok, test: list[dict]) -> tuple[dict, list[tuple[dict, str]]]:
@@ -69,23 +101,24 @@ def score(model, tok, test: list[dict]) -> tuple[dict, list[tuple[dict, str]]]:
 
 def main(argv) -> None:
     del argv
-    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(message)s")
-    logging.getLogger("absl").setLevel(logging.WARNING)
+    cli.setup_logging()
     start = time.perf_counter()
     workdir = pathlib.Path(_WORKDIR.value or f"runs/demo-{time.strftime('%Y%m%d-%H%M%S')}")
-    if workdir.exists() and any(workdir.iterdir()):
-        sys.exit(f"error: {workdir} is not empty; the demo starts fresh in a new directory")
     config = _CONFIG.value
-    test = prepare(
-        workdir,
-        config,
-        train_rows=_TRAIN_ROWS.value,
-        validation_rows=_VALIDATION_ROWS.value,
-        test_per_task=_TEST_PER_TASK.value,
-        seed=_DATA_SEED.value,
-    )
-
-    result = loop.fit(config, workdir)
+    with workdir_lock.hold(workdir):
+        test = prepare(
+            workdir,
+            config,
+            train_rows=_TRAIN_ROWS.value,
+            validation_rows=_VALIDATION_ROWS.value,
+            test_per_task=_TEST_PER_TASK.value,
+            seed=_DATA_SEED.value,
+        )
+        result = loop.fit(config, workdir)
+    if result.stop_reason == "preempted":  # nothing to score yet: the model was not restored
+        print(f"preempted at step {result.last_step}; rerun the same command to resume:")
+        print(f"  python -m sftjax.demo --workdir={workdir}")
+        return
     accuracy, pairs = score(result.model, tokenize.load_tokenizer(config.data.tokenizer), test)
     (workdir / "demo_results.json").write_text(
         json.dumps(
@@ -119,4 +152,4 @@ def main(argv) -> None:
 
 
 if __name__ == "__main__":
-    app.run(main)
+    cli.run(main)

@@ -2,20 +2,21 @@
 
 Turns flags into `loop.fit(config, workdir)`; everything else lives below. Config overrides
 use ml_collections syntax: `--config.optim.lr=1e-5 --config.data.train_files=data/*.jsonl`.
-Exit codes: 0 done (also after SIGTERM with a checkpoint saved), 2 bad config or bad data,
-3 diverged (non-finite loss), 4 a checkpoint could not be written, 130 Ctrl-C twice.
+Exit codes: 0 done (also after SIGTERM with a checkpoint saved), 2 a user error (bad config,
+data, paths, or the workdir in use by another run; one message, `--verbose` adds the
+traceback), 3 diverged (non-finite loss), 4 a checkpoint could not be written (disk full),
+130 interrupted before anything could be saved.
 """
 
+import contextlib
 import logging
 import sys
 
 import jax
-from absl import app, flags
+from absl import flags
 from ml_collections import config_flags
 
-from sftjax import checkpoint, loop
-from sftjax import config as config_lib
-from sftjax.data import groups, records
+from sftjax import checkpoint, cli, loop, workdir_lock
 
 _CONFIG = config_flags.DEFINE_config_file(
     "config", None, "Config file (configs/*.py).", lock_config=True
@@ -32,19 +33,21 @@ _MULTIHOST = flags.DEFINE_bool(
 )
 flags.mark_flags_as_required(["config", "workdir"])
 
+log = logging.getLogger("sftjax")
+
 
 def main(argv: list[str]) -> None:
     del argv
+    cli.setup_logging()
     if _MULTIHOST.value:
         jax.distributed.initialize()
-    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(message)s")
-    logging.getLogger("absl").setLevel(logging.WARNING)
+    log.info("jax: %d %s device(s)", jax.device_count(), jax.devices()[0].platform)
     checkpoint.quiet_background_failures()
+    # One process per workdir; in a multi-host run all hosts share it and process 0 holds it.
+    holding = jax.process_index() == 0
     try:
-        result = loop.fit(_CONFIG.value, _WORKDIR.value)
-    except (config_lib.ConfigError, records.BadRowsError, groups.LeakageError) as e:
-        print(f"error: {e}", file=sys.stderr)
-        sys.exit(2)
+        with workdir_lock.hold(_WORKDIR.value) if holding else contextlib.nullcontext():
+            result = loop.fit(_CONFIG.value, _WORKDIR.value)
     except loop.TrainingDiverged as e:
         print(f"error: {e}", file=sys.stderr)
         sys.exit(3)
@@ -64,4 +67,4 @@ def main(argv: list[str]) -> None:
 
 
 if __name__ == "__main__":
-    app.run(main)
+    cli.run(main)

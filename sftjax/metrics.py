@@ -5,7 +5,9 @@ Only process 0 writes; other processes get a writer that does nothing.
 """
 
 import json
+import logging
 import math
+import os
 import pathlib
 import tempfile
 
@@ -13,6 +15,8 @@ import jax
 
 from sftjax import paths
 from sftjax.model import llama
+
+log = logging.getLogger("sftjax")
 
 # Dense bf16 peak TFLOP/s per chip by `device_kind` prefix (vendor data sheets, no sparsity).
 PEAK_TFLOPS = {
@@ -56,7 +60,7 @@ def peak_flops_per_device(override_tflops: float = 0.0) -> float | None:
 
 
 def mfu(tokens_per_s: float, flops_token: float, peak_per_device: float | None) -> float:
-    """Model FLOPs utilisation over all devices; NaN where the peak is unknown."""
+    """Model FLOPs utilisation over all devices; NaN where the peak is unknown (logged as null)."""
     if not peak_per_device:
         return math.nan
     return tokens_per_s * flops_token / (peak_per_device * jax.device_count())
@@ -92,7 +96,7 @@ class MetricsWriter:
             return
         record = {"step": step, "split": split, **values}
         with self.path.open("a") as f:
-            f.write(json.dumps(record) + "\n")
+            f.write(json_line(record))
         for key, value in values.items():
             if isinstance(value, (int, float)) and math.isfinite(value):
                 self._tb.add_scalar(f"{split}/{key}", value, step)
@@ -119,19 +123,68 @@ class MetricsWriter:
             self._tb = None
 
 
+def json_line(record: dict) -> str:
+    """One JSONL line; non-finite floats become null (JSON has no NaN, e.g. MFU on a CPU)."""
+    clean = {
+        k: None if isinstance(v, float) and not math.isfinite(v) else v for k, v in record.items()
+    }
+    return json.dumps(clean, allow_nan=False) + "\n"
+
+
+def _parse_lines(path: pathlib.Path) -> tuple[list[dict], list[str], bool]:
+    """(records, broken lines as "path:line: why", whether the last line is torn).
+
+    A last line without its newline that does not parse is what a crash mid-write leaves.
+    """
+    lines = paths.resolve(path).read_bytes().decode("utf-8", errors="replace").split("\n")
+    records, broken, torn = [], [], False
+    for number, line in enumerate(lines, start=1):
+        if not line.strip():
+            continue
+        try:
+            record = json.loads(line)
+            if not isinstance(record, dict) or not isinstance(record.get("step"), int):
+                raise ValueError("not a record with an integer step")
+        except ValueError as e:
+            if number == len(lines):
+                torn = True
+            else:
+                broken.append(f"{path}:{number}: unreadable line ({e})")
+            continue
+        records.append(record)
+    return records, broken, torn
+
+
 def _drop_records_after(path: pathlib.Path, step: int) -> None:
-    """On resume, forget what a killed run logged past its last checkpoint (it is redone)."""
+    """On resume, forget what a killed run logged past its last checkpoint (it is redone).
+
+    Lines a crash left broken are dropped with a warning: metrics are a log, not state. The
+    rewrite goes to a temporary file that replaces the old one, so a crash here loses nothing.
+    """
     if not path.exists():
         return
-    lines = path.read_text().splitlines()
-    kept = [line for line in lines if line.strip() and json.loads(line)["step"] <= step]
-    if len(kept) != len(lines):
-        path.write_text("".join(line + "\n" for line in kept))
+    records, broken, torn = _parse_lines(path)
+    for problem in broken:
+        log.warning("metrics: dropped %s", problem)
+    if torn:
+        log.warning("metrics: dropped the torn last line of %s (a crash mid-write)", path)
+    kept = [r for r in records if r["step"] <= step]
+    if len(kept) == len(records) and not broken and not torn:
+        return
+    tmp = path.with_name(f"{path.name}.tmp-{os.getpid()}")
+    with tmp.open("w", encoding="utf-8") as f:
+        f.write("".join(json_line(r) for r in kept))
+        f.flush()
+        os.fsync(f.fileno())
+    os.replace(tmp, path)
 
 
 def read_records(path: pathlib.Path) -> list[dict]:
-    """All records of a metrics.jsonl."""
-    return [json.loads(line) for line in paths.resolve(path).read_text().splitlines() if line]
+    """All records of a metrics.jsonl; a torn last line (a crash mid-write) is left out."""
+    records, broken, _ = _parse_lines(paths.resolve(path))
+    if broken:
+        raise ValueError("; ".join(broken))
+    return records
 
 
 def plot_losses(metrics_path: pathlib.Path, out_png: pathlib.Path, best_step: int | None) -> None:

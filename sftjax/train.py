@@ -9,6 +9,7 @@ with data, checkpoints and logging, is `fit()` in loop.py.
 import dataclasses
 import functools
 import math
+from collections.abc import Sequence
 
 import flax.struct
 import jax
@@ -249,3 +250,37 @@ class EarlyStopping:
     @property
     def should_stop(self) -> bool:
         return self.evals_without_improvement >= self.patience
+
+
+COLLAPSE_WINDOW = 5  # logged train steps in a row that must all show the collapse
+
+
+def collapse_reason(
+    history: Sequence[tuple[int, float, float]],
+    vocab_size: int,
+    warmup_steps: int,
+    window: int = COLLAPSE_WINDOW,
+) -> str | None:
+    """Why training can no longer learn, from the logged (step, loss, grad_norm); None if it can.
+
+    Two signs, each over the last `window` logged steps: a gradient norm of exactly 0 (nothing
+    can move the parameters again), or, after warmup, a loss within 1e-3 of ln(vocab_size), the
+    loss of the uniform distribution a too-large learning rate collapses a model to (lr=1e4 on
+    the tiny preset: both within 5 steps). Free: the loop reads these values to log them anyway.
+    """
+    recent = list(history)[-window:]
+    if len(recent) < window:
+        return None
+    (first, *_), (last, loss, _) = recent[0], recent[-1]
+    uniform = math.log(vocab_size)
+    if all(grad_norm == 0.0 for _, _, grad_norm in recent):
+        what = "the gradient norm is 0.0: nothing can change the parameters any more"
+    elif all(step > warmup_steps and abs(x - uniform) < 1e-3 for step, x, _ in recent):
+        what = "the model predicts the uniform distribution over its vocabulary"
+    else:
+        return None
+    return (
+        f"training collapsed at steps {first}-{last}: {what} (loss {loss:.4f}, "
+        f"ln(vocab_size) = {uniform:.4f}); lower optim.lr and start again from a checkpoint "
+        "saved before the collapse or a new workdir"
+    )

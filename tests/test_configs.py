@@ -124,7 +124,8 @@ def real_paths(tmp_path_factory) -> dict:
     root = tmp_path_factory.mktemp("paths")
     rows = root / "train.jsonl"
     rows.write_text(json.dumps({"instruction": "Say hi.", "response": "Hi."}) + "\n")
-    (root / "tokenizer").mkdir()  # validate checks only that it is a directory
+    (root / "tokenizer").mkdir()  # validate checks only that a tokenizer file is there
+    (root / "tokenizer" / "tokenizer.json").write_text("{}")
     paths = {}
     for name, shape in HF_SHAPES.items():
         hf_dir = root / name
@@ -138,6 +139,8 @@ def real_paths(tmp_path_factory) -> dict:
             hidden_act="silu",
         )
         (hf_dir / "config.json").write_text(json.dumps(hf))
+        # Weights are looked for, not read (an empty index names none).
+        (hf_dir / "model.safetensors.index.json").write_text('{"weight_map": {}}')
         paths[name] = (
             f"--config.model.hf_path={hf_dir}",
             f"--config.data.tokenizer={root / 'tokenizer'}",

@@ -118,9 +118,81 @@ def test_broken_json_array_points_at_the_broken_element(tmp_path):
     path = _write(tmp_path / "x.json", '[\n {"instruction": "a", "response": "b"},\n {"x": }\n]')
     rows, report = records.read_records(path, bad_rows="skip")
     assert len(rows) == 1
+    assert report.problems == [f"{path}:3: row: invalid JSON (Expecting value at column 8)"]
+
+
+def _rows(n: int) -> list[dict]:
+    return [{"instruction": f"q{i}", "input": "", "response": f"a{i}"} for i in range(n)]
+
+
+@pytest.mark.parametrize(
+    "damage, error_line",
+    [
+        (lambda e: e.replace('"response": "a21"', '"response": a21"'), 3),  # a lost quote
+        (lambda e: e.replace('"input": "",', '"input": "",,'), 2),  # a doubled comma
+        (lambda e: e.replace("}", ""), 5),  # the closing brace cut: seen on the next line
+    ],
+)
+def test_rows_after_a_broken_array_element_are_read(tmp_path, damage, error_line):
+    # Element 22 of 40 broken: it is one bad row and the 18 after it are still read.
+    elements = [json.dumps(r, indent=4).replace("\n", "\n  ") for r in _rows(40)]
+    elements[21] = damage(elements[21])
+    path = _write(tmp_path / "x.json", "[\n  " + ",\n  ".join(elements) + "\n]\n")
+    rows, report = records.read_records(path, bad_rows="skip")
+    assert [r.instruction for r in rows] == [f"q{i}" for i in range(40) if i != 21]
+    assert report.bad_by_reason == {records.INVALID_JSON: 1} and report.rows_read == 40
+    line = 2 + 21 * 5 + error_line  # each element spans 5 lines, the first starts on line 2
+    assert report.problems[0].startswith(f"{path}:{line}: row: invalid JSON (")
+    with pytest.raises(records.BadRowsError, match="1 bad row"):
+        records.read_records(path)
+
+
+def test_missing_comma_between_elements_loses_nothing(tmp_path):
+    elements = [json.dumps(r) for r in _rows(4)]
+    text = "[\n " + ",\n ".join(elements[:2]) + "\n " + ",\n ".join(elements[2:]) + "\n]"
+    path = _write(tmp_path / "x.json", text)
+    rows, report = records.read_records(path, bad_rows="skip")
+    assert [r.instruction for r in rows] == ["q0", "q1", "q2", "q3"]
     assert report.problems == [
-        f"{path}:3: row: invalid JSON (Expecting value at column 8; rest of file not read)"
+        f"{path}:4: row: invalid JSON (no ',' between this and the row above)"
     ]
+
+
+@pytest.mark.parametrize(
+    "text, message",
+    [
+        ('[{"instruction": "a", "response": "b"}, {"x": }, {"instruction": "c"}]', r":1: invalid"),
+        ('[\n {"instruction": "a", "response": "b"},\n {"instruction": "c"', r":3: invalid"),
+        ('[\n {"instruction": "a", "response": "b"},\n', r":3: the JSON array ends without"),
+        ('[\n {"instruction": "a", "response": "b"}\n]\n{"more": 1}', r":3: text after"),
+    ],
+)
+def test_array_that_cannot_be_read_on_is_refused_even_under_skip(tmp_path, text, message):
+    path = _write(tmp_path / "x.json", text)
+    with pytest.raises(records.DataError, match=r"x\.json" + message):
+        records.read_records(path, bad_rows="skip")
+
+
+def test_invalid_utf8_in_an_array_is_refused_with_its_line(tmp_path):
+    path = tmp_path / "x.json"
+    path.write_bytes(b'[\n {"instruction": "a", "response": "b"},\n {"instruction": "\xff"}\n]')
+    with pytest.raises(records.DataError, match=r"x\.json:3: invalid UTF-8"):
+        records.read_records(str(path), bad_rows="skip")
+
+
+@pytest.mark.parametrize("text", ["", "\n\n", "[]", " [ ]\n"])
+def test_empty_file_is_refused_by_name(tmp_path, text):
+    good = _write(tmp_path / "good.jsonl", json.dumps(GOOD))
+    empty = _write(tmp_path / "empty.json", text)
+    with pytest.raises(records.DataError, match=r"empty\.json: no rows"):
+        records.read_records([good, empty], bad_rows="skip")
+
+
+def test_directory_as_data_file_is_refused_with_a_glob_to_use(tmp_path):
+    _write(tmp_path / "a.jsonl", json.dumps(GOOD))
+    with pytest.raises(records.DataError, match=r"is a directory; name its data files, e\.g\."):
+        records.expand_paths(str(tmp_path))
+    assert records.expand_paths(str(tmp_path / "*")) == [str(tmp_path / "a.jsonl")]
 
 
 def test_chat_rows(tmp_path):
@@ -167,7 +239,7 @@ def test_paths_globs_and_lists(tmp_path):
     assert records.expand_paths(str(tmp_path / "*.jsonl")) == [a, b]
     assert records.expand_paths(f"{b}, {a}") == [b, a]
     assert records.expand_paths([a]) == [a]
-    with pytest.raises(FileNotFoundError, match="nope"):
+    with pytest.raises(records.DataError, match="nope"):
         records.expand_paths(str(tmp_path / "nope*.jsonl"))
 
 

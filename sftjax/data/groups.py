@@ -188,7 +188,7 @@ def find_leaks(
     return leaks, grouping
 
 
-class LeakageError(ValueError):
+class LeakageError(records.DataError):
     """Raised under data.leakage="fail": the message names the first leaking pairs."""
 
     def __init__(self, leaks: Sequence[Leak], num_validation: int):

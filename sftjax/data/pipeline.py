@@ -8,8 +8,7 @@ Does not own: jax arrays (the trainer calls `jax.make_array_from_process_local_d
 
 Usage (the trainer):
     tok = tokenize.load_tokenizer(config.data.tokenizer)
-    train, validation, report = pipeline.load_splits(config.data, tok)   # BadRowsError,
-                                                        # groups.LeakageError: exit 2
+    train, validation, report = pipeline.load_splits(config.data, tok)   # DataError: exit 2
     it = pipeline.train_batches(train, batch_size=B, seq_len=config.data.seq_len,
         seed=config.data.shuffle_seed, num_epochs=config.data.num_epochs, pack=config.data.pack,
         num_bins=config.data.packing_bins,
@@ -185,8 +184,11 @@ def encode_splits(
     train = encode_rows(train_rows, template, tok, **kwargs)
     validation = encode_rows(validation_rows, template, tok, **kwargs)
     if not train:
-        raise ValueError(
-            f"no training examples left from {config.train_files!r}\n" + report.summary()
+        raise records.DataError(
+            f"no training examples left from {config.train_files!r}: {train_report.rows_read} "
+            f"rows read, {train_report.bad_rows} bad, {train_report.duplicates} duplicates, "
+            f"{len(train_rows)} kept for training, {report.overlong_dropped} longer than "
+            f"data.seq_len={config.seq_len} dropped; run python -m sftjax.data.report for details"
         )
     report.train_examples, report.validation_examples = len(train), len(validation)
     return train, validation

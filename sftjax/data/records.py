@@ -13,6 +13,7 @@ non-zero exit before any training.
 import dataclasses
 import json
 import os
+import re
 from collections.abc import Iterator, Sequence
 from typing import Any
 
@@ -90,7 +91,12 @@ class RecordReport:
         return "\n".join(lines)
 
 
-class BadRowsError(ValueError):
+class DataError(ValueError):
+    """A data file that cannot be read at all: empty, a directory, a JSON array broken beyond
+    repair. Raised whatever bad_rows says: skipping rows cannot fix it."""
+
+
+class BadRowsError(DataError):
     """Raised under bad_rows="fail": the message lists the counts and the first problems."""
 
     def __init__(self, report: RecordReport):
@@ -110,12 +116,15 @@ def expand_paths(spec: str | Sequence[str]) -> list[str]:
     entries = [s.strip() for s in spec.split(",")] if isinstance(spec, str) else list(spec)
     files = []
     for entry in (os.fspath(e) for e in entries if e):
+        if paths.resolve(entry).is_dir():  # explicit beats guessing which files inside are data
+            pattern = f"{entry.rstrip('/')}/*.jsonl"
+            raise DataError(f"{entry} is a directory; name its data files, e.g. {pattern!r}")
         matches = [m for m in paths.expand([entry]) if paths.resolve(m).is_file()]
         if not matches:
-            raise FileNotFoundError(f"no data file matches {entry!r}")
+            raise DataError(f"no data file matches {entry!r}")
         files += matches
     if not files:
-        raise FileNotFoundError(f"no data files given ({spec!r})")
+        raise DataError(f"no data files given ({spec!r})")
     return files
 
 
@@ -136,10 +145,42 @@ def _scan_jsonl(data: bytes) -> Iterator[tuple[int, Any]]:
             yield number, _BadRow("row", INVALID_JSON, f"{e.msg} at column {e.colno}")
 
 
-def _scan_json_array(text: str) -> Iterator[tuple[int, Any]]:
-    """Elements of a JSON array with the line each starts on (raw_decode, one element at a time)."""
+_FIRST_ON_LINE = re.compile(r"^([ \t\r]*)\S", re.MULTILINE)
+_ONLY_SPACE_LEFT = re.compile(r"\s*\Z")  # matched from a position: stops at the first non-space
+
+
+def _next_element(text: str, start: int, indent: str | None) -> int | None:
+    """Where reading can go on after a broken element: the next line that starts an element at
+    the elements' indentation and parses, or the array's final "]"; None if there is none.
+
+    JSON strings cannot hold a raw newline, so a line start is never inside a string.
+    """
+    decoder = json.JSONDecoder()
+    for match in _FIRST_ON_LINE.finditer(text, text.rfind("\n", 0, start) + 1):
+        pos = match.end() - 1
+        if pos < start:
+            continue
+        if text[pos] == "]" and _ONLY_SPACE_LEFT.match(text, pos + 1):
+            return pos
+        if indent is not None and match.group(1) != indent:
+            continue
+        try:
+            decoder.raw_decode(text, pos)
+        except json.JSONDecodeError:
+            continue
+        return pos
+    return None
+
+
+def _scan_json_array(text: str, path: str) -> Iterator[tuple[int, Any]]:
+    """Elements of a JSON array with the line each starts on (raw_decode, one element at a time).
+
+    A broken element is one bad row; reading goes on at the next element (`_next_element`), so
+    the rows after it are not lost. Where no next element can be found the file is refused.
+    """
     decoder = json.JSONDecoder()
     pos, line, counted = text.index("[") + 1, 1, 0
+    indent = None  # what precedes an element on its line, from the first that starts a line
 
     def line_at(p: int) -> int:
         nonlocal line, counted
@@ -147,27 +188,48 @@ def _scan_json_array(text: str) -> Iterator[tuple[int, Any]]:
         counted = p
         return line
 
+    def skip_space(p: int) -> int:
+        while p < len(text) and text[p] in " \t\r\n":
+            p += 1
+        return p
+
     while True:
-        while pos < len(text) and text[pos] in " \t\r\n":
-            pos += 1
-        if pos < len(text) and text[pos] == "]":
+        pos = skip_space(pos)
+        if pos >= len(text):
+            raise DataError(f"{path}:{line_at(pos)}: the JSON array ends without its closing ']'")
+        if text[pos] == "]":
+            if not _ONLY_SPACE_LEFT.match(text, pos + 1):
+                raise DataError(f"{path}:{line_at(pos)}: text after the array's closing ']'")
             return
+        if indent is None:
+            prefix = text[text.rfind("\n", 0, pos) + 1 : pos]
+            indent = prefix if not prefix.strip() else None
         try:
             element, end = decoder.raw_decode(text, pos)
         except json.JSONDecodeError as e:
-            detail = f"{e.msg} at column {e.colno}; rest of file not read"
-            yield e.lineno, _BadRow("row", INVALID_JSON, detail)
-            return
+            why = f"{e.msg} at column {e.colno}"
+            yield e.lineno, _BadRow("row", INVALID_JSON, why)
+            resume = _next_element(text, pos + 1, indent)
+            if resume is None:
+                raise DataError(
+                    f"{path}:{e.lineno}: invalid JSON ({why}) and no element after it can be "
+                    "found; fix the file (bad_rows='skip' cannot skip inside a broken array)"
+                ) from None
+            pos = resume
+            continue
         yield line_at(pos), element
-        pos = end
-        while pos < len(text) and text[pos] in " \t\r\n":
-            pos += 1
+        pos = skip_space(end)
         if pos < len(text) and text[pos] == ",":
             pos += 1
         elif pos >= len(text) or text[pos] != "]":
-            detail = "expected ',' or ']' after an element; rest of file not read"
-            yield line_at(pos), _BadRow("row", INVALID_JSON, detail)
-            return
+            yield (
+                line_at(pos),
+                _BadRow("row", INVALID_JSON, "no ',' between this and the row above"),
+            )
+            resume = _next_element(text, pos, indent)
+            if resume is None:
+                raise DataError(f"{path}:{line_at(pos)}: expected ',' or ']' after an element")
+            pos = resume
 
 
 def _is_jsonl(head: bytes) -> bool:
@@ -189,10 +251,10 @@ def scan_file(path: str) -> Iterator[tuple[int, Any]]:
         return
     try:
         text = data.decode("utf-8-sig")
-    except UnicodeDecodeError as e:
-        yield data.count(b"\n", 0, e.start) + 1, _BadRow("row", INVALID_UTF8, "rest not read")
-        return
-    yield from _scan_json_array(text)
+    except UnicodeDecodeError as e:  # an array can't be read past it: refuse, don't truncate
+        line = data.count(b"\n", 0, e.start) + 1
+        raise DataError(f"{path}:{line}: invalid UTF-8 (byte {e.start}) in a JSON array") from None
+    yield from _scan_json_array(text, path)
 
 
 def _text(value: Any, field: str, *, optional: bool = False) -> str:
@@ -270,6 +332,7 @@ def read_records(
     rows: list[Row] = []
     first_seen: dict[str, str] = {}
     for path in files:
+        rows_before = report.rows_read
         for line, value in scan_file(path):
             source = f"{path}:{line}"
             report.rows_read += 1
@@ -299,6 +362,8 @@ def read_records(
             else:
                 first_seen[key] = source
             rows.append(row)
+        if report.rows_read == rows_before:
+            raise DataError(f"{path}: no rows (the file is empty)")
     report.rows_kept = len(rows)
     if bad_rows == "fail" and report.bad_rows:
         raise BadRowsError(report)

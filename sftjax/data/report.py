@@ -8,7 +8,8 @@ over-long examples, prompt/response length percentiles, a response-length histog
 --histogram), packing efficiency and examples per packed row, and three rendered examples with
 the trained part marked ⟦like this⟧ (rendered from the token ids and loss mask themselves).
 Exits 1 where training would refuse the data: bad rows under bad_rows="fail", leaks under
-leakage="fail".
+leakage="fail"; 2 with one message when the data cannot be read at all (no file, empty file,
+no rows left).
 Does not own: any of the computations (records, groups, quality, tokenize and pipeline do them).
 """
 
@@ -17,9 +18,10 @@ from collections.abc import Sequence
 
 import ml_collections
 import numpy as np
-from absl import app, flags
+from absl import flags
 from ml_collections import config_flags
 
+from sftjax import cli
 from sftjax.data import pipeline, quality, tokenize
 
 _CONFIG = config_flags.DEFINE_config_file("config", help_string="config file, e.g. configs/base.py")
@@ -110,6 +112,7 @@ def build_report(
 def main(argv: Sequence[str]) -> None:
     """Print the report; exit 1 where training would refuse the data."""
     del argv
+    cli.setup_logging()
     data = _CONFIG.value.data
     text, report = build_report(data, tokenize.load_tokenizer(data.tokenizer), _HISTOGRAM.value)
     print(text)
@@ -126,4 +129,4 @@ def main(argv: Sequence[str]) -> None:
 
 
 if __name__ == "__main__":
-    app.run(main)
+    cli.run(main)

@@ -97,15 +97,26 @@ def _backend(spec: dict) -> tokenizers.Tokenizer:
     return tok
 
 
+class TokenizerError(ValueError):
+    """A tokenizer directory sftjax cannot use; the message says what is missing."""
+
+
 def load_tokenizer(path: str) -> SegmentTokenizer:
     """Load a HF tokenizer directory, local or gs:// (no hub, no remote code); check segmenting."""
-    local = paths.local_copy(path)  # transformers reads local files only
-    hf = transformers.AutoTokenizer.from_pretrained(local, local_files_only=True)
+    try:
+        local = paths.local_copy(path)  # transformers reads local files only
+        hf = transformers.AutoTokenizer.from_pretrained(local, local_files_only=True)
+    except (OSError, ValueError) as e:  # transformers' own words, first line only
+        reason = str(e).strip().split("\n")[0]
+        raise TokenizerError(
+            f"{path}: cannot load a Hugging Face tokenizer ({reason}); the directory needs "
+            "tokenizer.json (or tokenizer.model) with its tokenizer_config.json"
+        ) from e
     backend = getattr(hf, "backend_tokenizer", None)
     if backend is None:
-        raise ValueError(f"{path}: needs a fast (tokenizers-backed) tokenizer, got {type(hf)}")
+        raise TokenizerError(f"{path}: needs a fast (tokenizers-backed) tokenizer, got {type(hf)}")
     if hf.eos_token_id is None:
-        raise ValueError(
+        raise TokenizerError(
             f"{path}: the tokenizer defines no EOS token; set eos_token in "
             "special_tokens_map.json (examples must end in EOS to learn to stop)"
         )
@@ -149,7 +160,7 @@ def check_segmentation(tok: SegmentTokenizer, name: str = "tokenizer") -> None:
         got = encode(segments, tok).ids.tolist()
         want = whole_string_ids(render(segments), tok)
         if got != want:
-            raise ValueError(
+            raise TokenizerError(
                 f"{name}: segment-wise encoding of {text!r} differs from the whole "
                 f"string: {got} != {want}; this tokenizer is not supported"
             )

@@ -146,7 +146,7 @@ def _expected_keys(cfg: llama.LlamaConfig):
             yield name.format(i=i), path, transform, i
 
 
-def _weight_files(directory: epath.Path) -> dict[str, epath.Path]:
+def weight_files(directory: epath.Path) -> dict[str, epath.Path]:
     """HF tensor name -> safetensors file holding it (single file or sharded with an index)."""
     index = directory / "model.safetensors.index.json"
     if index.exists():
@@ -202,7 +202,7 @@ def load_pretrained(
     """
     directory = paths.resolve(path)
     cfg = read_config(directory, **overrides)
-    files = _weight_files(directory)
+    files = weight_files(directory)
     mesh = mesh if mesh is not None else sharding.make_mesh(devices=jax.devices()[:1])
     graphdef, abstract_state = nnx.split(llama.abstract(cfg, mesh, rules))
     targets = nnx.to_pure_dict(abstract_state)

@@ -269,7 +269,7 @@ class Llama(nnx.Module):
         self.cfg = cfg
         v, d = cfg.vocab_size, cfg.embed_dim
         # The table is sharded over `embed` only: sharding the gather's vocab axis over
-        # `tensor` makes XLA rematerialise the whole table (JAX_NOTES).
+        # `tensor` makes XLA rematerialise the whole table (docs/jax_notes.md).
         self.embedding = _param(rngs, cfg, (v, d), ("vocab_table", "embed"), 1.0)
         if cfg.scan_layers:
             self.layers = _stacked_blocks(cfg, rngs)
