@@ -184,11 +184,12 @@ def encode_splits(
     train = encode_rows(train_rows, template, tok, **kwargs)
     validation = encode_rows(validation_rows, template, tok, **kwargs)
     if not train:
+        counts = report.train_records
         raise records.DataError(
-            f"no training examples left from {config.train_files!r}: {train_report.rows_read} "
-            f"rows read, {train_report.bad_rows} bad, {train_report.duplicates} duplicates, "
-            f"{len(train_rows)} kept for training, {report.overlong_dropped} longer than "
-            f"data.seq_len={config.seq_len} dropped; run python -m sftjax.data.report for details"
+            f"no training examples left from {config.train_files!r}: {counts.rows_read} rows "
+            f"read, {counts.bad_rows} bad, {counts.duplicates} duplicates, {len(train_rows)} kept "
+            f"for training, {report.overlong_dropped} longer than data.seq_len={config.seq_len} "
+            "dropped; run python -m sftjax.data.report for details"
         )
     report.train_examples, report.validation_examples = len(train), len(validation)
     return train, validation
