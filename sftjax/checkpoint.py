@@ -157,19 +157,28 @@ class Checkpointer:
             raise ValueError("the restored arrays differ from the fingerprint saved with them")
         return state, record
 
-    def restore_newest(self, abstract_state, *, steps: list[int] | None = None):
+    def restore_newest(self, abstract_state, *, steps: list[int] | None = None, check=None):
         """(step, state, record) of the newest checkpoint that restores and verifies, or None.
 
         A damaged checkpoint is moved to `<checkpoints>/../damaged_checkpoints/` with one
-        warning, never deleted, and the one before it is tried.
+        warning, never deleted, and the one before it is tried. `check(step, record)` runs on
+        the JSON record before any array is read; what it raises (a refused config change)
+        propagates: it is the user's call, not damage.
         """
         for step in reversed(self.all_steps() if steps is None else steps):
+            state = record = error = None
             try:
-                state, record = self.restore(step, abstract_state)
-                ok, error = True, None
-            except Exception as e:  # any unreadable file, truncated array or bad JSON
-                ok, error = False, e
-            if _all_processes_agree(ok):
+                record = self.restore_record(step)
+            except Exception as e:  # the JSON record is missing or cut
+                error = e
+            if record is not None and check is not None:
+                check(step, record)
+            if record is not None:
+                try:
+                    state, record = self.restore(step, abstract_state)
+                except Exception as e:  # any unreadable file, truncated array, wrong fingerprint
+                    error = e
+            if _all_processes_agree(error is None):
                 return step, state, record
             self._set_aside(step, error)
         return None

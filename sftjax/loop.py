@@ -8,6 +8,7 @@ evaluation every `eval.every_steps`, checkpoints, early stopping, preemption) an
 host never waits on the device between steps.
 """
 
+import collections
 import contextlib
 import dataclasses
 import logging
@@ -22,7 +23,7 @@ import tqdm
 from flax import nnx
 from jax.experimental import multihost_utils
 
-from sftjax import checkpoint, generate, metrics, paths, sharding, train
+from sftjax import checkpoint, generate, metrics, paths, resume_check, sharding, train
 from sftjax import config as config_lib
 from sftjax.data import pipeline, tokenize
 from sftjax.model import hf_io, llama
@@ -201,7 +202,14 @@ def _start(run: _Run, ckpt: checkpoint.Checkpointer):
     """(state, early stopping, first step): the newest good checkpoint, else a fresh model."""
     config = run.config
     early = train.EarlyStopping(config.eval.patience, config.eval.min_delta)
-    found = ckpt.restore_newest(run.abstract_state)
+
+    def check_config(step: int, record: dict) -> None:
+        """Refuse a resume whose config changes the run's math or data order (exit 2)."""
+        log.info(
+            resume_check.describe(resume_check.check(record["config"], config.to_dict(), step))
+        )
+
+    found = ckpt.restore_newest(run.abstract_state, check=check_config)
     if found is None:
         if config.model.hf_path:
             model = hf_io.load_pretrained(
@@ -214,7 +222,9 @@ def _start(run: _Run, ckpt: checkpoint.Checkpointer):
         return train.init_state(params, run.tx, shardings, config.train.seed), early, 0
     step, state, record = found
     run.data_iter.set_state(record["data_iter"])
-    early = train.EarlyStopping(**record["early_stopping"])
+    # The rule's parameters follow the config (eval.* may change on resume); its state resumes.
+    saved = {**record["early_stopping"], "patience": early.patience, "min_delta": early.min_delta}
+    early = train.EarlyStopping(**saved)
     log.info("resumed from step %d (%s)", step, ckpt.directory)
     return state, early, step
 
@@ -244,8 +254,13 @@ def _train(run: _Run, ckpt, writer, state, early, start_step: int):
             "config": config.to_dict(),
         }
 
+    history = collections.deque(maxlen=train.COLLAPSE_WINDOW)  # (step, loss, grad norm)
+    warmup_steps = round(config.optim.warmup_ratio * total_steps)
+    lowest_loss = math.inf  # a collapse is a return to ln(V) after learning something
+
     def log_train(step: int, values: dict, steps: int) -> None:
-        """Log one step's metrics (a non-finite loss stops the run); throughput over `steps`."""
+        """Log one step's metrics (non-finite or collapsed: stop); throughput over `steps`."""
+        nonlocal lowest_loss
         values = {k: float(v) for k, v in jax.device_get(values).items()}  # waits for the step
         seconds = time.perf_counter() - window_start
         if not (math.isfinite(values["loss"]) and math.isfinite(values["grad_norm"])):
@@ -255,6 +270,14 @@ def _train(run: _Run, ckpt, writer, state, early, start_step: int):
                 f"stopping. Checkpoints on disk (latest {ckpt.latest_step()}) are from before; "
                 "lower optim.lr or check the data"
             )
+        history.append((step, values["loss"], values["grad_norm"]))
+        lowest_loss = min(lowest_loss, values["loss"])
+        collapsed = train.collapse_reason(
+            history, run.cfg.vocab_size, warmup_steps, lowest_loss=lowest_loss
+        )
+        if collapsed:
+            ckpt.wait()
+            raise TrainingDiverged(collapsed)
         tokens_per_s = tokens_per_step * steps / max(seconds, 1e-9)
         values.update(tokens_per_s=tokens_per_s, mfu=metrics.mfu(tokens_per_s, flops_token, peak))
         writer.write(step, "train", values)

@@ -260,6 +260,7 @@ def collapse_reason(
     vocab_size: int,
     warmup_steps: int,
     window: int = COLLAPSE_WINDOW,
+    lowest_loss: float = -math.inf,
 ) -> str | None:
     """Why training can no longer learn, from the logged (step, loss, grad_norm); None if it can.
 
@@ -267,6 +268,8 @@ def collapse_reason(
     can move the parameters again), or, after warmup, a loss within 1e-3 of ln(vocab_size), the
     loss of the uniform distribution a too-large learning rate collapses a model to (lr=1e4 on
     the tiny preset: both within 5 steps). Free: the loop reads these values to log them anyway.
+    The second sign needs `lowest_loss` (the lowest logged so far) 0.1 below ln(V): a randomly
+    initialised model sits at ln(V) too, and at a small learning rate it may stay there a while.
     """
     recent = list(history)[-window:]
     if len(recent) < window:
@@ -275,7 +278,9 @@ def collapse_reason(
     uniform = math.log(vocab_size)
     if all(grad_norm == 0.0 for _, _, grad_norm in recent):
         what = "the gradient norm is 0.0: nothing can change the parameters any more"
-    elif all(step > warmup_steps and abs(x - uniform) < 1e-3 for step, x, _ in recent):
+    elif lowest_loss < uniform - 0.1 and all(
+        step > warmup_steps and abs(x - uniform) < 1e-3 for step, x, _ in recent
+    ):
         what = "the model predicts the uniform distribution over its vocabulary"
     else:
         return None

@@ -290,3 +290,35 @@ def test_demo_resumes_after_sigterm(tmp_path):
     _assert_user_error(other, "holds demo data made with")
     shutil.rmtree(workdir / "data")
     assert _run("sftjax.demo", *args).returncode == 2  # no demo data, not empty: refused
+
+
+@pytest.mark.slow
+def test_resume_refuses_a_changed_learning_rate_and_allows_a_new_eval_cadence(corpus, tmp_path):
+    short = {"train.num_steps": 2, "checkpoint.export_hf": False}
+    assert _main(corpus, tmp_path, **short).returncode == 0
+    longer = {**short, "train.num_steps": 4}
+
+    changed = _main(corpus, tmp_path, **{**longer, "optim.lr": 0.5})
+    _assert_user_error(changed, "optim.lr")
+    assert "train.allow_config_change" in changed.stderr  # and it says how to go on anyway
+    assert not (tmp_path / "damaged_checkpoints").exists()  # a refusal is not damage
+
+    cadence = _main(corpus, tmp_path, **{**longer, "eval.every_steps": 1})
+    assert cadence.returncode == 0, cadence.stderr[-3000:]
+    assert "resumed from step 2" in cadence.stderr
+    assert "config changed since the checkpoint" in cadence.stderr
+    assert "eval.every_steps" in cadence.stderr
+
+
+@pytest.mark.slow
+def test_a_learning_rate_that_collapses_the_model_stops_the_run(corpus, tmp_path):
+    run = _main(
+        corpus,
+        tmp_path,
+        **{"optim.lr": 1e4, "optim.warmup_ratio": 0.0, "train.num_steps": 60},
+        **{"eval.every_steps": 100, "checkpoint.export_hf": False},
+    )
+    assert run.returncode == 3, run.stderr[-3000:]
+    assert "training collapsed at steps" in run.stderr and "lower optim.lr" in run.stderr
+    trained = [r["step"] for r in metrics.read_records(tmp_path / "metrics.jsonl")]
+    assert max(trained) < 30  # caught within a few logged steps, not at the end
