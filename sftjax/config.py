@@ -18,9 +18,11 @@ CHOICES = {
     "model.attention": ("xla", "cudnn"),
     "model.param_dtype": ("float32", "bfloat16"),
     "model.dtype": ("float32", "bfloat16"),
-    "data.template": ("alpaca", "chat"),
+    "data.template": ("alpaca", "chat", "tokenizer"),
+    "data.format": ("auto", "alpaca", "prompt_completion", "sharegpt", "messages"),
+    "data.train_on": ("all_assistant_turns", "last_assistant_turn"),
     "data.bad_rows": ("fail", "skip"),
-    "data.overlong": ("drop", "truncate_prompt"),
+    "data.overlong": ("drop", "truncate_prompt", "truncate_history"),
 }
 
 
@@ -92,6 +94,11 @@ def validate(config: ml_collections.ConfigDict, num_devices: int, num_processes:
         errors.append(
             f"config.data.tokenizer={config.data.tokenizer!r}: not a directory; give a local "
             "Hugging Face tokenizer directory (tokenizer.json / tokenizer.model)"
+        )
+    if config.data.chat_template and not pathlib.Path(config.data.chat_template).is_file():
+        errors.append(
+            f"config.data.chat_template={config.data.chat_template!r}: no such file; give a "
+            ".jinja chat template or leave it empty to use the tokenizer's"
         )
 
     try:
