@@ -20,7 +20,7 @@ from flax import nnx
 
 from sftjax import checkpoint, generate, metrics, sharding, train
 from sftjax import config as config_lib
-from sftjax.data import pipeline, tokenize
+from sftjax.data import chat_templates, pipeline, tokenize
 from sftjax.model import hf_io, llama
 
 log = logging.getLogger("sftjax")
@@ -113,7 +113,7 @@ def _answer_eval_prompts(config, graphdef, params, tok, step, writer, progress) 
         nnx.merge(graphdef, params),
         tok,
         rows,
-        template=config.data.template,
+        template=pipeline.make_template(config.data, tok),  # issue 13: the training template
         max_new_tokens=config.eval.max_new_tokens,
     )
     samples = {
@@ -313,6 +313,8 @@ def fit(config: ml_collections.ConfigDict, workdir: str | pathlib.Path) -> FitRe
             best_model,
             workdir / "hf_export",
             tokenizer_dir=config.data.tokenizer,
+            # issue 13: chat_template.jinja, BOS rule and sftjax_format.json of the training format
+            **chat_templates.export_settings(pipeline.make_template(config.data, tok), tok),
             dtype=config.checkpoint.export_dtype,
             bos_token_id=tok.bos_id or tok.eos_id,
             eos_token_id=tok.eos_id,

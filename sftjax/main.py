@@ -15,7 +15,7 @@ from ml_collections import config_flags
 
 from sftjax import config as config_lib
 from sftjax import loop
-from sftjax.data import records
+from sftjax.data import chat_templates, records
 
 _CONFIG = config_flags.DEFINE_config_file(
     "config", None, "Config file (configs/*.py).", lock_config=True
@@ -41,7 +41,7 @@ def main(argv: list[str]) -> None:
     logging.getLogger("absl").setLevel(logging.WARNING)
     try:
         result = loop.fit(_CONFIG.value, _WORKDIR.value)
-    except (config_lib.ConfigError, records.BadRowsError) as e:
+    except (config_lib.ConfigError, records.BadRowsError, chat_templates.TemplateError) as e:
         print(f"error: {e}", file=sys.stderr)
         sys.exit(2)
     except loop.TrainingDiverged as e:

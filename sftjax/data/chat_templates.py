@@ -21,7 +21,7 @@ import re
 from typing import Any
 
 from sftjax.data.records import Row
-from sftjax.data.templates import BUILT_IN, TEMPLATES, Segment, Template
+from sftjax.data.templates import BUILT_IN, TEMPLATES, Segment, Template, jinja
 
 NAMES = (*BUILT_IN, "tokenizer")
 _OPEN, _CLOSE = "\ue000", "\ue001"  # placeholder brackets: Unicode private use, refused in rows
@@ -125,13 +125,13 @@ def make_template(name: str, hf: Any, chat_template: str = "") -> Template | Ren
         return TEMPLATES[name]
     if name != "tokenizer":
         raise ValueError(f"data.template {name!r} is not one of {NAMES}")
-    jinja = chat_template or getattr(hf, "chat_template", None)
-    if not jinja or not isinstance(jinja, str):
+    text = chat_template or getattr(hf, "chat_template", None)
+    if not text or not isinstance(text, str):
         raise TemplateError(
             f"data.template='tokenizer' but {getattr(hf, 'name_or_path', 'the tokenizer')} has no "
             "chat_template: set data.chat_template to a .jinja file, or choose 'alpaca' or 'chat'"
         )
-    template = RenderedTemplate(hf, jinja, control_tokens(hf))
+    template = RenderedTemplate(hf, text, control_tokens(hf))
     probe = Row("probe", messages=(("user", "Hi"), ("assistant", "Hello")))
     trained = [s for s in template.segments(probe) if s.trainable]
     if hf.eos_token not in [s.text for s in trained if s.special]:
@@ -142,3 +142,19 @@ def make_template(name: str, hf: Any, chat_template: str = "") -> Template | Ren
             hf.eos_token,
         )
     return template
+
+
+def export_settings(template: Template | RenderedTemplate, tok: Any) -> dict:
+    """save_pretrained's arguments that carry the training format into a Hugging Face export.
+
+    Built-in templates export as their jinja (tokenize.SegmentTokenizer.prefix_space says how
+    text after BOS is written); a rendered template exports as itself.
+    """
+    settings = {"training_format": {"template": template.name}, "add_bos": None}
+    if not template.framed:
+        return {**settings, "chat_template": template.chat_template}
+    if tok.prefix_space is None:
+        log.warning("no chat_template exported: this tokenizer's start-of-text rule has no jinja")
+        return {**settings, "chat_template": None, "add_bos": True}
+    text = jinja(template.name, bos=tok.bos_id is not None, prefix_space=tok.prefix_space)
+    return {**settings, "chat_template": text, "add_bos": True}
