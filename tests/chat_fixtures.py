@@ -5,7 +5,7 @@ like control tokens (`</s>`, `[INST]`, `<|im_end|>`) but must stay text."""
 import json
 import pathlib
 
-LLAMA2_CHAT = """{#- Llama-2-chat: BOS + [INST] per exchange, the system prompt inside the first one -#}
+LLAMA2_CHAT = """{#- Llama-2-chat: BOS + [INST] per exchange, system inside the first -#}
 {%- if messages[0]['role'] == 'system' -%}
 {%- set system = '<<SYS>>\\n' + messages[0]['content'] + '\\n<</SYS>>\\n\\n' -%}
 {%- set turns = messages[1:] -%}

@@ -133,7 +133,10 @@ def make_template(name: str, hf: Any, chat_template: str = "") -> Template | Ren
         )
     template = RenderedTemplate(hf, text, control_tokens(hf))
     probe = Row("probe", messages=(("user", "Hi"), ("assistant", "Hello")))
-    trained = [s for s in template.segments(probe) if s.trainable]
+    try:
+        trained = [s for s in template.segments(probe) if s.trainable]
+    except TemplateError:
+        return template  # refused row by row, each named, when the data is encoded
     if hf.eos_token not in [s.text for s in trained if s.special]:
         log.warning(
             "the chat template ends assistant turns with %r, not the EOS token %r: the model "
