@@ -1,10 +1,12 @@
 """`python -m sftjax.data.report --config=configs/base.py --config.data.train_files=…`
 
-Owns: the data report a person reads before training: rows read, bad rows by reason (with the
-first problems at file:line), duplicates dropped, over-long examples, prompt/response length
-percentiles, packing efficiency and examples per packed row, and three rendered examples with
-the trained part marked ⟦like this⟧ (rendered from the token ids and loss mask themselves).
-Exits 1 when the config's bad_rows policy is "fail" and there are bad rows, as training would.
+Owns: the data report a person reads before training: rows read and their format, bad rows by
+reason (with the first problems at file:line), duplicates dropped, the template and which turns
+are trained, over-long examples (dropped, prompt truncated, history truncated and turns cut),
+prompt/response length percentiles, packing efficiency and examples per packed row, and three
+rendered examples with the trained part marked ⟦like this⟧ (rendered from the token ids and
+loss mask themselves). Exits 1 when the config's bad_rows policy is "fail" and there are bad
+rows, as training would; 2 when the chat template can't give exact masks.
 Does not own: any of the computations (records, tokenize and pipeline do them).
 """
 
@@ -16,7 +18,7 @@ import numpy as np
 from absl import app
 from ml_collections import config_flags
 
-from sftjax.data import pipeline, tokenize
+from sftjax.data import chat_templates, pipeline, tokenize
 
 _CONFIG = config_flags.DEFINE_config_file("config", help_string="config file, e.g. configs/base.py")
 
@@ -53,12 +55,14 @@ def build_report(
     efficiency, per_row = pipeline.packing_stats(
         train, seq_len=data.seq_len, seed=data.shuffle_seed, num_bins=data.packing_bins
     )
-    over = report.overlong_dropped + report.prompt_truncated
+    over = report.overlong_dropped + report.prompt_truncated + report.history_truncated
     lines = [
         report.summary(),
+        f"template {data.template!r}, training on {data.train_on.replace('_', ' ')}",
         f"over-long examples (> seq_len {data.seq_len} tokens): {over} "
         f"(policy {data.overlong!r}: dropped {report.overlong_dropped}, "
-        f"prompt truncated {report.prompt_truncated})",
+        f"prompt truncated {report.prompt_truncated}, history truncated "
+        f"{report.history_truncated} with {report.turns_cut} turns cut)",
         _percentiles("prompt", report.prompt_lengths),
         _percentiles("response", report.response_lengths),
         f"packing at seq_len {data.seq_len}, {data.packing_bins} bins: efficiency "
@@ -76,7 +80,11 @@ def main(argv: Sequence[str]) -> None:
     """Print the report; exit 1 where training would refuse the data."""
     del argv
     data = _CONFIG.value.data
-    text, report = build_report(data, tokenize.load_tokenizer(data.tokenizer))
+    try:
+        text, report = build_report(data, tokenize.load_tokenizer(data.tokenizer))
+    except chat_templates.TemplateError as e:  # a template without exact masks: refuse
+        print(f"error: {e}", file=sys.stderr)
+        sys.exit(2)
     print(text)
     bad = report.train_records.bad_rows
     bad += report.validation_records.bad_rows if report.validation_records else 0
