@@ -10,7 +10,7 @@ import json
 import pytest
 import test_tokenize
 import transformers
-from chat_fixtures import CONVERSATIONS, as_messages
+from chat_fixtures import CONVERSATIONS, TRICKY, as_messages
 from conftest import shared_path
 
 from sftjax import demo_data, generate
@@ -63,12 +63,15 @@ def test_export_reproduces_prompts_of_every_shared_alpaca_row(
         *llama2.first.encode("Hi", add_special_tokens=False).ids,
     ]
     mismatched = []
+    template = templates.TEMPLATES[name]
     for row in shared_rows:
         user = {"role": "user", "content": row.instruction, "input": row.input}
-        ours = generate.prompt_ids(
+        prompt = generate.prompt_ids(
             {"instruction": row.instruction, "input": row.input}, name, llama2
         )
-        if _chat_ids(exported, [user], True) != ours:
+        trained = tokenize.encode(template.segments(row), llama2).ids.tolist()
+        whole = _chat_ids(exported, [user, {"role": "assistant", "content": row.response}], False)
+        if _chat_ids(exported, [user], True) != prompt or whole != trained:
             mismatched.append(row.source)
     assert mismatched == []
 
@@ -111,7 +114,7 @@ def test_exported_template_as_tokenizer_template_trains_identically(
     exported = _export(llama2, shared_path("llama2_tokenizer"), name, tmp_path / "export")
     rendered = chat_templates.make_template("tokenizer", exported, exported.chat_template)
     rows = [r for r in shared_rows if not r.input.strip()] if name == "alpaca" else shared_rows
-    rows = list(rows) + [records.Row("c", messages=tuple(c)) for c in CONVERSATIONS]
+    rows = list(rows) + [records.Row("c", messages=tuple(c)) for c in [*CONVERSATIONS, TRICKY]]
     built_in = tokenize.encode_many([templates.TEMPLATES[name].segments(r) for r in rows], llama2)
     segments = [rendered.segments(r) for r in rows]
     via_jinja = tokenize.encode_many(segments, llama2, framed=False)
@@ -146,3 +149,13 @@ def _export_raw(tok, settings, target):
         add_bos=settings["add_bos"],
     )
     return transformers.AutoTokenizer.from_pretrained(target)
+
+
+def test_generate_prompts_with_the_recorded_template(llama2, caplog):
+    chat = generate.training_template({"template": "chat"}, llama2, None)
+    assert chat is templates.TEMPLATES["chat"]
+    assert generate.training_template({"template": "chat"}, llama2, "alpaca").name == "alpaca"
+    assert "trained with 'chat'" in caplog.text
+    # A model sftjax did not train: its own chat template, else alpaca, said out loud.
+    assert generate.training_template({}, llama2, None).name == "alpaca"
+    assert "no training record" in caplog.text
