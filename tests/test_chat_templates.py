@@ -179,7 +179,7 @@ def test_bad_sharegpt_and_prompt_completion_rows_are_located(tmp_path):
     _, report = records.read_records(str(path), row_format="sharegpt", bad_rows="skip")
     assert report.problems == [
         f"{path}:1: conversations[1].from: unknown role ('bot')",
-        f"{path}:2: conversations[0].role: bad turn order (expected user, got assistant)",
+        f"{path}:2: conversations[0].from: bad turn order (expected user, got assistant)",
         f"{path}:3: conversations[1].value: not a string (int)",
     ]
     path.write_text(

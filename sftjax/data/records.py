@@ -252,39 +252,32 @@ def _turns(obj: dict, key: str) -> list:
     return turns
 
 
-def _checked_order(messages: list[Message], key: str, source: str) -> Row:
+def _checked_order(messages: list[Message], key: str, source: str, role: str) -> Row:
     """An optional system turn, then user/assistant alternating, ending with assistant."""
     roles = [r for r, _ in messages]
     if "assistant" not in roles:
         raise _BadRow(key, NO_ASSISTANT)
     start = 1 if roles[0] == "system" else 0
-    for i, role in enumerate(roles[start:], start=start):
+    for i, got in enumerate(roles[start:], start=start):
         expected = "user" if (i - start) % 2 == 0 else "assistant"
-        if role != expected:
-            raise _BadRow(f"{key}[{i}].role", TURN_ORDER, f"expected {expected}, got {role}")
+        if got != expected:
+            raise _BadRow(f"{key}[{i}].{role}", TURN_ORDER, f"expected {expected}, got {got}")
     if roles[-1] != "assistant":
-        raise _BadRow(f"{key}[{len(roles) - 1}].role", TURN_ORDER, "ends with a user turn")
+        raise _BadRow(f"{key}[{len(roles) - 1}].{role}", TURN_ORDER, "ends with a user turn")
     return Row(source=source, messages=tuple(messages))
 
 
-def _messages_row(obj: dict, source: str, key: str) -> Row:
+def _conversation_row(obj: dict, source: str, key: str, sharegpt: bool) -> Row:
+    """OpenAI-style {role, content} turns, or ShareGPT {from, value} turns mapped to roles."""
+    role_key, text_key = ("from", "value") if sharegpt else ("role", "content")
+    names = SHAREGPT_ROLES if sharegpt else {r: r for r in ROLES}
     messages = []
     for i, turn in enumerate(_turns(obj, key)):
-        role = _text(turn.get("role"), f"{key}[{i}].role")
-        if role not in ROLES:
-            raise _BadRow(f"{key}[{i}].role", UNKNOWN_ROLE, repr(role))
-        messages.append((role, _text(turn.get("content"), f"{key}[{i}].content")))
-    return _checked_order(messages, key, source)
-
-
-def _sharegpt_row(obj: dict, source: str, key: str) -> Row:
-    messages = []
-    for i, turn in enumerate(_turns(obj, key)):
-        speaker = _text(turn.get("from"), f"{key}[{i}].from")
-        if speaker not in SHAREGPT_ROLES:
-            raise _BadRow(f"{key}[{i}].from", UNKNOWN_ROLE, repr(speaker))
-        messages.append((SHAREGPT_ROLES[speaker], _text(turn.get("value"), f"{key}[{i}].value")))
-    return _checked_order(messages, key, source)
+        name = _text(turn.get(role_key), f"{key}[{i}].{role_key}")
+        if name not in names:
+            raise _BadRow(f"{key}[{i}].{role_key}", UNKNOWN_ROLE, repr(name))
+        messages.append((names[name], _text(turn.get(text_key), f"{key}[{i}].{text_key}")))
+    return _checked_order(messages, key, source, role_key)
 
 
 def detect_format(obj: dict, fields: dict[str, str]) -> str:
@@ -300,9 +293,9 @@ def detect_format(obj: dict, fields: dict[str, str]) -> str:
 
 def _parse(obj: dict, source: str, row_format: str, fields: dict[str, str]) -> Row:
     if row_format == "messages":
-        return _messages_row(obj, source, fields["messages"])
+        return _conversation_row(obj, source, fields["messages"], sharegpt=False)
     if row_format == "sharegpt":
-        return _sharegpt_row(obj, source, fields["conversations"])
+        return _conversation_row(obj, source, fields["conversations"], sharegpt=True)
     if row_format == "prompt_completion":
         return _prompt_completion_row(obj, source, fields)
     return _instruction_row(obj, source, fields)

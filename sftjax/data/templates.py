@@ -109,51 +109,46 @@ TEMPLATES: dict[str, Template] = {
     "chat": Template("chat", chat),
 }
 
-# The built-in formats as jinja, for the export. `message.input` is the optional alpaca input
-# of a user turn. START stands for what precedes the first text: BOS, and for tokenizers with a
-# dummy prefix the space that the prefix stands for (jinja_start).
-_USER_INPUT = "message['input'] is defined and message['input'] and message['input'].strip()"
-_JINJA = {
-    "alpaca": """{#- sftjax "alpaca": the text sftjax fine-tuned on, token for token. -#}
+# The built-in formats as jinja, for the export: one loop over the turns, with each format's
+# text for a system, user and assistant turn. `message.input` is the optional alpaca input of a
+# user turn. START stands for what precedes the first text: BOS, and for tokenizers with a dummy
+# prefix the space that the prefix stands for (jinja_start).
+_SKELETON = """{#- sftjax "NAME": the text sftjax fine-tuned on, token for token. -#}
 {%- set ns = namespace(system='', started=false) -%}
 {%- for message in messages -%}
 {%- if message['role'] == 'system' -%}
-{%- set ns.system = message['content'] + '\\n\\n' -%}
+{%- set ns.system = SYSTEM -%}
 {%- else -%}
 {%- if message['role'] == 'user' -%}
-{%- set text = ns.system + '### Instruction:\\n' + message['content'] + '\\n\\n' -%}
-{%- if USER_INPUT -%}
-{%- set text = text + '### Input:\\n' + message['input'] + '\\n\\n' -%}
-{%- endif -%}
+{%- set input = message['input'] if message['input'] is defined and message['input'] else '' -%}
+USER
 {%- set ns.system = '' -%}
 {%- else -%}
-{%- set text = '### Response:\\n' + message['content'] + eos_token -%}
+{%- set text = ASSISTANT -%}
 {%- endif -%}
 START
 {{- text -}}
 {%- endif -%}
 {%- endfor -%}
-{%- if add_generation_prompt -%}{{- '### Response:\\n' -}}{%- endif -%}
-""",
-    "chat": """{#- sftjax "chat" ([INST] turns): the text sftjax fine-tuned on, token for token. -#}
-{%- set ns = namespace(system='', started=false) -%}
-{%- for message in messages -%}
-{%- if message['role'] == 'system' -%}
-{%- set ns.system = '<<SYS>>\\n' + message['content'] + '\\n<</SYS>>\\n\\n' -%}
-{%- else -%}
-{%- if message['role'] == 'user' -%}
-{%- set content = message['content'] -%}
-{%- if USER_INPUT -%}{%- set content = content + '\\n\\n' + message['input'] -%}{%- endif -%}
-{%- set text = '[INST] ' + ns.system + content + ' [/INST]' -%}
-{%- set ns.system = '' -%}
-{%- else -%}
-{%- set text = ' ' + message['content'] + eos_token -%}
-{%- endif -%}
-START
-{{- text -}}
-{%- endif -%}
-{%- endfor -%}
-""",
+GENERATION"""
+_PARTS = {
+    "alpaca": {
+        "SYSTEM": "message['content'] + '\\n\\n'",
+        "USER": "{%- set text = ns.system + '### Instruction:\\n' -%}\n"
+        "{%- set text = text + message['content'] + '\\n\\n' -%}\n"
+        "{%- if input.strip() -%}{%- set text = text + '### Input:\\n' + input + '\\n\\n' -%}"
+        "{%- endif -%}",
+        "ASSISTANT": "'### Response:\\n' + message['content'] + eos_token",
+        "GENERATION": "{%- if add_generation_prompt -%}{{- '### Response:\\n' -}}{%- endif -%}",
+    },
+    "chat": {
+        "SYSTEM": "'<<SYS>>\\n' + message['content'] + '\\n<</SYS>>\\n\\n'",
+        "USER": "{%- set text = '[INST] ' + ns.system + message['content'] -%}\n"
+        "{%- if input.strip() -%}{%- set text = text + '\\n\\n' + input -%}{%- endif -%}\n"
+        "{%- set text = text + ' [/INST]' -%}",
+        "ASSISTANT": "' ' + message['content'] + eos_token",
+        "GENERATION": "",
+    },
 }
 
 
@@ -172,5 +167,7 @@ def jinja_start(*, bos: bool, prefix_space: bool) -> str:
 
 def jinja(name: str, *, bos: bool, prefix_space: bool) -> str:
     """The built-in template `name` as a Hugging Face chat template."""
-    start = jinja_start(bos=bos, prefix_space=prefix_space)
-    return _JINJA[name].replace("USER_INPUT", _USER_INPUT).replace("START", start)
+    text = _SKELETON.replace("NAME", name)
+    for part, value in _PARTS[name].items():
+        text = text.replace(part, value)
+    return text.replace("START", jinja_start(bos=bos, prefix_space=prefix_space))
