@@ -55,9 +55,12 @@ def prepare(
     return test
 
 
-def score(model, tok, test: list[dict]) -> tuple[dict, list[tuple[dict, str]]]:
-    """Exact-match accuracy per task on `test` and every (row, answer) pair."""
-    answers = generate.respond(model, tok, test, max_new_tokens=24)  # one batch: one compile
+def score(
+    model, tok, test: list[dict], template: str = "alpaca"
+) -> tuple[dict, list[tuple[dict, str]]]:
+    """Exact-match accuracy per task on `test` (prompted with the training template)."""
+    # One batch: one compile.
+    answers = generate.respond(model, tok, test, template=template, max_new_tokens=24)
     hits, totals = collections.Counter(), collections.Counter()
     for row, answer in zip(test, answers, strict=True):
         totals[row["task"]] += 1
@@ -86,7 +89,8 @@ def main(argv) -> None:
     )
 
     result = loop.fit(config, workdir)
-    accuracy, pairs = score(result.model, tokenize.load_tokenizer(config.data.tokenizer), test)
+    tok = tokenize.load_tokenizer(config.data.tokenizer)
+    accuracy, pairs = score(result.model, tok, test, template=config.data.template)
     (workdir / "demo_results.json").write_text(
         json.dumps(
             {

@@ -6,6 +6,9 @@ through it, so the trained span of turn i is exactly [len(P_i), len(R_i)).
 """
 
 import json
+import pathlib
+import subprocess
+import sys
 
 import numpy as np
 import pytest
@@ -202,3 +205,25 @@ def test_llama3_header_template_marks_eos_and_ignores_header_text_in_messages(
     eot = tok.hf.convert_tokens_to_ids("<|eot_id|>")
     assert example.ids.tolist().count(eot) == 2  # one per turn, not the user's
     assert example.ids[-1] == eot and example.trainable[-1] == 1
+
+
+def test_training_refuses_a_rewriting_template_in_one_line(tmp_path):
+    paths = write_formats(tmp_path, CONVERSATIONS[:2])
+    (tmp_path / "counts.jinja").write_text(COUNTS_TURNS)
+    root = pathlib.Path(__file__).resolve().parents[1]
+    command = [
+        sys.executable,
+        "-m",
+        "sftjax.main",
+        "--config=configs/base.py",
+        f"--workdir={tmp_path / 'run'}",
+        f"--config.data.train_files={paths['messages']}",
+        f"--config.data.tokenizer={shared_path('llama2_tokenizer')}",
+        "--config.data.template=tokenizer",
+        f"--config.data.chat_template={tmp_path / 'counts.jinja'}",
+    ]
+    env = {"PYTHONPATH": str(root), "PATH": "/usr/bin:/bin", "JAX_PLATFORMS": "cpu"}
+    done = subprocess.run(command, cwd=root, env=env, capture_output=True, text=True, timeout=120)
+    assert done.returncode == 2, done.stderr[-2000:]
+    assert "Traceback" not in done.stderr
+    assert done.stderr.strip().splitlines()[-1].startswith(f"error: {paths['messages']}:1: ")
