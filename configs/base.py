@@ -68,16 +68,30 @@ def get_config() -> ml_collections.ConfigDict:
     # Validation rows whose prompt is (nearly) a training prompt, with validation_files given:
     # "warn" (log the file:line pairs), "drop" (remove them from validation) or "fail" (exit 2).
     c.data.leakage = "warn"
-    c.data.template = "alpaca"  # "alpaca" (instruction/input/response) or "chat" (messages)
+    # Rows: "alpaca" (instruction/input/response), "prompt_completion" (prompt/completion),
+    # "sharegpt" (conversations [{from, value}]), "messages" ([{role, content}]), or "auto"
+    # (the first row's keys decide, per set of files).
+    c.data.format = "auto"
+    # What the model sees: "alpaca" (### Instruction/### Response), "chat" (Llama-2 [INST] turns)
+    # or "tokenizer" (the tokenizer's own jinja chat_template, or data.chat_template). Any format
+    # goes with any template; the export carries it as its chat_template.
+    c.data.template = "alpaca"
+    c.data.chat_template = ""  # .jinja file used instead of the tokenizer's (template "tokenizer")
+    c.data.train_on = "all_assistant_turns"  # or "last_assistant_turn" (earlier turns: context)
     c.data.instruction_field = "instruction"  # row key of the instruction
     c.data.input_field = "input"  # row key of the optional input (context)
     c.data.response_field = "response"  # row key of the response ("output" if it is absent)
+    c.data.prompt_field = "prompt"  # row key of the prompt (format prompt_completion)
+    c.data.completion_field = "completion"  # row key of the completion (prompt_completion)
     c.data.messages_field = "messages"  # row key of chat turns [{role, content}]
+    c.data.conversations_field = "conversations"  # row key of ShareGPT turns [{from, value}]
     c.data.tokenizer = ""  # local Hugging Face tokenizer directory (needs an EOS token)
     c.data.seq_len = 2048  # tokens per packed row
     c.data.bad_rows = "fail"  # "fail": report and exit before training; "skip": count and go on
     c.data.drop_duplicates = True  # drop rows equal up to case/punctuation/space (counted)
-    c.data.overlong = "drop"  # over-long examples: "drop" (counted) or "truncate_prompt"
+    # Over-long examples: "drop" (counted), "truncate_prompt" (cut the prompt from the left) or
+    # "truncate_history" (drop the earliest whole turns, keeping a system turn, until it fits).
+    c.data.overlong = "drop"
     c.data.pack = True  # pack several examples per row (segment ids keep them apart)
     c.data.pack_validation = True  # pack validation rows too (same loss value, fewer eval steps)
     c.data.packing_bins = 16  # open rows of the first-fit packer (more: fuller rows, slower plan)

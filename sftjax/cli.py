@@ -18,7 +18,7 @@ from absl import app, flags
 
 from sftjax import config as config_lib
 from sftjax import workdir_lock
-from sftjax.data import records, tokenize
+from sftjax.data import chat_templates, records, tokenize
 from sftjax.model import hf_io
 
 VERBOSE = flags.DEFINE_bool(
@@ -30,6 +30,7 @@ USER_ERRORS = (
     config_lib.ConfigError,
     records.DataError,
     tokenize.TokenizerError,
+    chat_templates.TemplateError,
     hf_io.CheckpointError,
     workdir_lock.WorkdirBusy,
 )

@@ -15,10 +15,12 @@ CHOICES = {
     "model.attention": ("xla", "cudnn"),
     "model.param_dtype": ("float32", "bfloat16"),
     "model.dtype": ("float32", "bfloat16"),
-    "data.template": ("alpaca", "chat"),
+    "data.template": ("alpaca", "chat", "tokenizer"),
+    "data.format": ("auto", "alpaca", "prompt_completion", "sharegpt", "messages"),
+    "data.train_on": ("all_assistant_turns", "last_assistant_turn"),
     "data.bad_rows": ("fail", "skip"),
     "data.leakage": ("warn", "drop", "fail"),
-    "data.overlong": ("drop", "truncate_prompt"),
+    "data.overlong": ("drop", "truncate_prompt", "truncate_history"),
 }
 
 
@@ -119,6 +121,11 @@ def validate(config: ml_collections.ConfigDict, num_devices: int, num_processes:
             f"config.data.tokenizer={config.data.tokenizer!r}: holds none of "
             f"{', '.join(TOKENIZER_FILES)}; give the directory a Hugging Face tokenizer was "
             "saved to"
+        )
+    if config.data.chat_template and not paths.resolve(config.data.chat_template).is_file():
+        errors.append(
+            f"config.data.chat_template={config.data.chat_template!r}: no such file; give a "
+            ".jinja chat template or leave it empty to use the tokenizer's"
         )
 
     try:

@@ -87,9 +87,12 @@ def prepare(
     return [json.loads(line) for line in (data / "test.jsonl").read_text().splitlines()]
 
 
-def score(model, tok, test: list[dict]) -> tuple[dict, list[tuple[dict, str]]]:
-    """Exact-match accuracy per task on `test` and every (row, answer) pair."""
-    answers = generate.respond(model, tok, test, max_new_tokens=24)  # one batch: one compile
+def score(
+    model, tok, test: list[dict], template: str = "alpaca"
+) -> tuple[dict, list[tuple[dict, str]]]:
+    """Exact-match accuracy per task on `test` (prompted with the training template)."""
+    # One batch: one compile.
+    answers = generate.respond(model, tok, test, template=template, max_new_tokens=24)
     hits, totals = collections.Counter(), collections.Counter()
     for row, answer in zip(test, answers, strict=True):
         totals[row["task"]] += 1
@@ -119,7 +122,8 @@ def main(argv) -> None:
         print(f"preempted at step {result.last_step}; rerun the same command to resume:")
         print(f"  python -m sftjax.demo --workdir={workdir}")
         return
-    accuracy, pairs = score(result.model, tokenize.load_tokenizer(config.data.tokenizer), test)
+    tok = tokenize.load_tokenizer(config.data.tokenizer)
+    accuracy, pairs = score(result.model, tok, test, template=config.data.template)
     (workdir / "demo_results.json").write_text(
         json.dumps(
             {

@@ -11,6 +11,9 @@ positions start at 0 on each row's first real token, so a row's logits don't dep
 it was batched with. Decoding runs a fixed `max_new_tokens` steps in a `jax.lax.while_loop`
 that stops early once every row has produced `eos_id`; returned tokens stop before EOS.
 Single-host: the prompts are host numpy arrays that jit places on the model's mesh.
+Prompts are encoded with the template the model was trained with, read from the workdir's
+checkpoint record (its config) or from an export's `sftjax_format.json`; a Hugging Face model
+from elsewhere is prompted with its own chat_template, or alpaca when it has none.
 Shapes: B rows, L prompt bucket, T max_new_tokens, V vocab (cache slots S = L + T).
 
     python -m sftjax.generate --checkpoint=HF_DIR --prompt="Name three primary colors."
@@ -31,7 +34,7 @@ from absl import app, flags, logging
 from flax import nnx
 
 from sftjax import paths
-from sftjax.data import records, templates, tokenize
+from sftjax.data import chat_templates, records, templates, tokenize
 from sftjax.model import hf_io, llama
 
 MIN_BUCKET = 16  # shortest prefill length: small prompts share one compile
@@ -186,26 +189,29 @@ def generate(
     return answers
 
 
-def prompt_ids(row: dict, template: str, tok: tokenize.SegmentTokenizer) -> list[int]:
+Template = templates.Template | chat_templates.RenderedTemplate
+
+
+def prompt_ids(row: dict, template: str | Template, tok: tokenize.SegmentTokenizer) -> list[int]:
     """The prompt's ids exactly as training encoded them: the template's leading untrained part.
 
-    Rows: {"instruction", "input"?} (alpaca), {"messages"} ending in a user turn (chat), or
-    {"prompt"} (template "none": raw text after BOS).
+    Rows: {"instruction", "input"?} or {"messages"} ending in a user turn, for any template
+    (a name or one from chat_templates.make_template), or {"prompt"} (template "none": raw text
+    after BOS).
     """
     if template == "none":
-        segments = [templates.Segment(row["prompt"], False)]
-    else:
-        messages = tuple((m["role"], m["content"]) for m in row.get("messages", ()))
-        as_row = records.Row(
-            source="prompt",
-            instruction=row.get("instruction", ""),
-            input=row.get("input") or "",
-            messages=messages,
-        )
-        segments = templates.TEMPLATES[template](as_row)
-        while segments and segments[-1].trainable:  # the (empty) response to be generated
-            segments.pop()
-    return tokenize.encode(segments, tok).ids.tolist()
+        return tokenize.encode([templates.Segment(row["prompt"], False)], tok).ids.tolist()
+    if isinstance(template, str):
+        template = chat_templates.make_template(template, tok.hf)
+    messages = tuple((m["role"], m["content"]) for m in row.get("messages", ()))
+    as_row = records.Row(
+        source="prompt",
+        instruction=row.get("instruction", ""),
+        input=row.get("input") or "",
+        messages=messages,
+    )
+    segments = template.prompt(as_row)
+    return tokenize.encode(segments, tok, framed=template.framed).ids.tolist()
 
 
 def respond(
@@ -213,17 +219,20 @@ def respond(
     tok: tokenize.SegmentTokenizer,
     rows: Sequence[dict],
     *,
-    template: str = "alpaca",
+    template: str | Template = "alpaca",
     **kwargs,
 ) -> list[str]:
     """Answer text per row, prompted with the training template; `kwargs` go to `generate`."""
+    if isinstance(template, str) and template != "none":
+        template = chat_templates.make_template(template, tok.hf)
     prompts = [prompt_ids(row, template, tok) for row in rows]
     new_ids = generate(model, prompts, eos_id=tok.eos_id, **kwargs)
     return [tok.hf.decode(ids, skip_special_tokens=True) for ids in new_ids]
 
 
-def _read_rows(path: pathlib.Path, text_key: str) -> list[dict]:
-    """JSONL rows, each with a string `text_key`; a bad line is reported as file:line."""
+def _read_rows(path: pathlib.Path, raw: bool) -> list[dict]:
+    """JSONL rows with a string "instruction" or a "messages" list ("prompt" when raw); a bad
+    line is reported as file:line."""
     rows = []
     for number, line in enumerate(path.read_text().splitlines(), start=1):
         if not line.strip():
@@ -232,9 +241,9 @@ def _read_rows(path: pathlib.Path, text_key: str) -> list[dict]:
             row = json.loads(line)
         except json.JSONDecodeError as error:
             raise ValueError(f"{path}:{number}: not JSON ({error})") from None
-        kind = list if text_key == "messages" else str
-        if not isinstance(row, dict) or not isinstance(row.get(text_key), kind):
-            raise ValueError(f"{path}:{number}: expected an object with a string {text_key!r}")
+        keys = {"prompt": str} if raw else {"instruction": str, "messages": list}
+        if not isinstance(row, dict) or not any(isinstance(row.get(k), t) for k, t in keys.items()):
+            raise ValueError(f"{path}:{number}: expected an object with {' or '.join(keys)}")
         rows.append(row)
     return rows
 
@@ -254,13 +263,15 @@ def define_flags() -> None:
     )
     flags.DEFINE_string("prompt", None, "One instruction to answer; the answer is printed.")
     flags.DEFINE_string("prompt_input", "", "Optional alpaca 'input' field for --prompt.")
-    flags.DEFINE_string("input", None, "JSONL rows: 'instruction' (+ 'input'), or 'prompt' if raw.")
+    flags.DEFINE_string(
+        "input", None, "JSONL rows: 'instruction' (+ 'input') or 'messages'; 'prompt' if raw."
+    )
     flags.DEFINE_string("output", None, "JSONL to write: each --input row plus 'generated'.")
     flags.DEFINE_enum(
         "template",
-        "alpaca",
-        ["alpaca", "chat", "none"],
-        "Training template; none: --prompt is raw text.",
+        None,
+        [*chat_templates.NAMES, "none"],
+        "Override the training template read from the checkpoint; none: raw text.",
     )
     flags.DEFINE_integer("max_new_tokens", 256, "New tokens per answer at most.")
     flags.DEFINE_float("temperature", 0.0, "0 is greedy.")
@@ -271,13 +282,51 @@ def define_flags() -> None:
     flags.DEFINE_string("dtype", "bfloat16", "Weights and compute dtype (float32 for exactness).")
 
 
-def _load(path, dtype: str) -> tuple[llama.Llama, str]:
-    """(model, tokenizer dir) from a HF directory or a training workdir (best checkpoint)."""
+def _load(path: paths.Path, dtype: str) -> tuple[llama.Llama, str, dict]:
+    """(model, tokenizer dir, training data settings) from a HF directory or a training workdir.
+
+    The settings are config.data of the checkpoint's record, or an export's sftjax_format.json;
+    empty for a model sftjax did not train.
+    """
     if (path / "checkpoints").is_dir():
         from sftjax import checkpoint  # the trainer's imports only when a workdir is given
 
-        return checkpoint.load_best(path, dtype=dtype)
-    return hf_io.load_pretrained(path, dtype=dtype, param_dtype=dtype), path
+        model, tokenizer_dir = checkpoint.load_best(path, dtype=dtype)
+        return model, tokenizer_dir, training_data_config(path)
+    model = hf_io.load_pretrained(path, dtype=dtype, param_dtype=dtype)
+    recorded = path / hf_io.TRAINING_FORMAT_FILE
+    return model, path, json.loads(recorded.read_text()) if recorded.exists() else {}
+
+
+def training_data_config(workdir: paths.Path) -> dict:
+    """config.data from the JSON record saved with the workdir's best (else latest) checkpoint."""
+    from sftjax import checkpoint
+
+    ckpt = checkpoint.Checkpointer(workdir / "checkpoints", max_to_keep=1, async_save=False)
+    try:
+        step = ckpt.best_step()
+        step = ckpt.latest_step() if step is None else step
+        return dict(ckpt.restore_record(step)["config"]["data"])
+    finally:
+        ckpt.close()
+
+
+def training_template(settings: dict, tok: tokenize.SegmentTokenizer, override: str | None):
+    """The template to prompt with: the recorded one; for a foreign model its own chat
+    template, else alpaca. An override that differs from the record is warned about."""
+    recorded = settings.get("template")
+    if override and recorded and override != recorded:
+        logging.warning("--template=%s, but the model was trained with %r", override, recorded)
+    name = override or recorded
+    if name is None:
+        name = "tokenizer" if getattr(tok.hf, "chat_template", None) else "alpaca"
+        logging.warning("no training record: prompting with the %r template", name)
+    if name == "none":
+        return name
+    chat_template = ""
+    if name == "tokenizer" and settings.get("chat_template"):  # a workdir's data.chat_template
+        chat_template = paths.resolve(settings["chat_template"]).read_text()
+    return chat_templates.make_template(name, tok.hf, chat_template)
 
 
 def main(argv: Sequence[str]) -> None:
@@ -286,24 +335,24 @@ def main(argv: Sequence[str]) -> None:
         raise app.UsageError("give exactly one of --prompt or --input")
     if FLAGS.input is not None and FLAGS.output is None:
         raise app.UsageError("--input needs --output")
-    model, tokenizer_dir = _load(paths.resolve(FLAGS.checkpoint), FLAGS.dtype)
+    model, tokenizer_dir, settings = _load(paths.resolve(FLAGS.checkpoint), FLAGS.dtype)
     tokenizer = tokenize.load_tokenizer(tokenizer_dir)
+    template = training_template(settings, tokenizer, FLAGS.template)
     options = dict(
-        template=FLAGS.template,
+        template=template,
         max_new_tokens=FLAGS.max_new_tokens,
         seed=FLAGS.seed,
         temperature=FLAGS.temperature,
         top_k=FLAGS.top_k,
         top_p=FLAGS.top_p,
     )
-    text_key = {"alpaca": "instruction", "chat": "messages", "none": "prompt"}[FLAGS.template]
     if FLAGS.prompt is not None:
-        row = {text_key: FLAGS.prompt, "input": FLAGS.prompt_input}
-        if FLAGS.template == "chat":
-            row = {"messages": [{"role": "user", "content": FLAGS.prompt}]}
+        row = {"instruction": FLAGS.prompt, "input": FLAGS.prompt_input}
+        if template == "none":
+            row = {"prompt": FLAGS.prompt}
         print(respond(model, tokenizer, [row], **options)[0])
         return
-    rows = _read_rows(pathlib.Path(FLAGS.input), text_key)
+    rows = _read_rows(pathlib.Path(FLAGS.input), raw=template == "none")
     with open(FLAGS.output, "w") as out:
         for start in range(0, len(rows), FLAGS.batch_size):
             chunk = rows[start : start + FLAGS.batch_size]

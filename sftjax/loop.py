@@ -25,7 +25,7 @@ from jax.experimental import multihost_utils
 
 from sftjax import checkpoint, generate, metrics, paths, resume_check, sharding, train
 from sftjax import config as config_lib
-from sftjax.data import pipeline, tokenize
+from sftjax.data import chat_templates, pipeline, tokenize
 from sftjax.model import hf_io, llama
 
 log = logging.getLogger("sftjax")
@@ -95,6 +95,7 @@ class _Run:
     rules: sharding.Rules
     cfg: llama.LlamaConfig
     tok: tokenize.SegmentTokenizer
+    template: object  # the training template (pipeline.make_template): prompts, eval, export
     data_iter: object  # grain iterator of this process's training batches
     val_batches: list
     total_steps: int
@@ -186,6 +187,7 @@ def _prepare(config: ml_collections.ConfigDict, workdir: paths.Path) -> _Run:
         rules=rules,
         cfg=cfg,
         tok=tok,
+        template=pipeline.make_template(config.data, tok),
         data_iter=pipeline.train_batches(train_examples, **train_kwargs),
         val_batches=list(val_batches),
         total_steps=total_steps,
@@ -297,9 +299,7 @@ def _train(run: _Run, ckpt, writer, state, early, start_step: int):
             f"(best {early.best_loss:.4f} at step {early.best_step})"
         )
         if config.eval.prompts:
-            _answer_eval_prompts(
-                config, run.graphdef, state.params, run.tok, step, writer, progress
-            )
+            _answer_eval_prompts(run, state.params, step, writer, progress)
         return val_loss
 
     stop_reason, step = "completed", start_step
@@ -381,6 +381,8 @@ def _finish(run: _Run, ckpt, writer, stop_reason: str, step: int, early) -> FitR
                 best_model,
                 run.workdir / "hf_export",
                 tokenizer_dir=config.data.tokenizer,
+                # chat_template.jinja, BOS rule and sftjax_format.json of the training format
+                **chat_templates.export_settings(run.template, run.tok),
                 dtype=config.checkpoint.export_dtype,
                 bos_token_id=run.tok.bos_id or run.tok.eos_id,
                 eos_token_id=run.tok.eos_id,
@@ -411,22 +413,23 @@ def _signals_deferred():
             log.warning("signal %s arrived during the export; the export finished first", received)
 
 
-def _answer_eval_prompts(config, graphdef, params, tok, step, writer, progress) -> None:
-    """Greedy answers to config.eval.prompts, logged: behaviour, not only a loss, over time."""
-    if config.data.template == "chat":
-        rows = [{"messages": [{"role": "user", "content": p}]} for p in config.eval.prompts]
+def _answer_eval_prompts(run: _Run, params, step, writer, progress) -> None:
+    """Greedy answers to eval.prompts in the training template: behaviour, not only a loss."""
+    prompts = run.config.eval.prompts
+    if run.config.data.template == "alpaca":
+        rows = [{"instruction": p} for p in prompts]
     else:
-        rows = [{"instruction": p} for p in config.eval.prompts]
+        rows = [{"messages": [{"role": "user", "content": p}]} for p in prompts]
     answers = generate.respond(
-        nnx.merge(graphdef, params),
-        tok,
+        nnx.merge(run.graphdef, params),
+        run.tok,
         rows,
-        template=config.data.template,
-        max_new_tokens=config.eval.max_new_tokens,
+        template=run.template,
+        max_new_tokens=run.config.eval.max_new_tokens,
     )
     samples = {
         f"prompt_{i}": f"{p!r} -> {a!r}"
-        for i, (p, a) in enumerate(zip(config.eval.prompts, answers, strict=True))
+        for i, (p, a) in enumerate(zip(prompts, answers, strict=True))
     }
     writer.write(step, "samples", samples)
     for line in samples.values():

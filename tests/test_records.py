@@ -216,7 +216,7 @@ def test_chat_rows(tmp_path):
             ]
         ),
     )
-    rows, report = records.read_records(path, chat=True, bad_rows="skip")
+    rows, report = records.read_records(path, row_format="messages", bad_rows="skip")
     assert rows == [
         records.Row(f"{path}:1", messages=(("system", "S"), ("user", "U"), ("assistant", "A")))
     ]

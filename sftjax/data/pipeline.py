@@ -1,8 +1,9 @@
 """The data pipeline the trainer calls: files → examples → packed, per-process numpy batches.
 
 Owns: applying the train/validation split and the leakage policy (groups.py decides them),
-encoding rows once, the length policy counts, the seeded per-epoch shuffle, first-fit packing,
-global batching, this process's slice, and the Grain dataset/iterator whose
+encoding rows once (template, `train_on`, the length policy with its counts; `truncate_history`
+re-renders a conversation without its earliest turns), the seeded per-epoch shuffle, first-fit
+packing, global batching, this process's slice, and the Grain dataset/iterator whose
 `get_state()`/`set_state()` the trainer checkpoints.
 Does not own: jax arrays (the trainer calls `jax.make_array_from_process_local_data`), the loss.
 
@@ -42,8 +43,9 @@ import grain
 import ml_collections
 import numpy as np
 
-from sftjax.data import groups, records, templates, tokenize
-from sftjax.data.tokenize import Example
+from sftjax import paths
+from sftjax.data import chat_templates, groups, records, tokenize
+from sftjax.data.tokenize import Encoded, Example
 
 log = logging.getLogger("sftjax")
 
@@ -66,6 +68,8 @@ class DataReport:
     validation_examples: int = 0
     overlong_dropped: int = 0  # over seq_len, dropped (train + validation)
     prompt_truncated: int = 0  # over seq_len, prompt cut from the left (train + validation)
+    history_truncated: int = 0  # over seq_len, earliest turns dropped (train + validation)
+    turns_cut: int = 0  # user + assistant turns those examples lost
     # Per example (train + validation), before the length policy: untrained / trained tokens,
     # counting BOS with the prompt and EOS with the response.
     prompt_lengths: list[int] = dataclasses.field(default_factory=list)
@@ -88,7 +92,9 @@ class DataReport:
             parts += [f"  {leak}" for leak in self.leaks[: groups.MAX_QUOTED]]
         parts.append(
             f"examples: train {self.train_examples}, validation {self.validation_examples}; "
-            f"over-long: dropped {self.overlong_dropped}, prompt truncated {self.prompt_truncated}"
+            f"over-long: dropped {self.overlong_dropped}, "
+            f"prompt truncated {self.prompt_truncated}, "
+            f"history truncated {self.history_truncated} ({self.turns_cut} turns cut)"
         )
         return "\n".join(parts)
 
@@ -96,36 +102,96 @@ class DataReport:
 def _read(files: str, config: ml_collections.ConfigDict) -> tuple[list, records.RecordReport]:
     return records.read_records(
         files,
-        chat=config.template == "chat",
+        row_format=config.format,
         instruction_field=config.instruction_field,
         input_field=config.input_field,
         response_field=config.response_field,
         messages_field=config.messages_field,
+        prompt_field=config.prompt_field,
+        completion_field=config.completion_field,
+        conversations_field=config.conversations_field,
         bad_rows=config.bad_rows,
         drop_duplicates=config.drop_duplicates,
     )
 
 
+def make_template(config: ml_collections.ConfigDict, tok: tokenize.SegmentTokenizer):
+    """The data section's template; data.chat_template (a .jinja file) overrides the tokenizer's."""
+    jinja = paths.resolve(config.chat_template).read_text() if config.chat_template else ""
+    return chat_templates.make_template(config.template, tok.hf, jinja)
+
+
+def _encode(rows, template, tok: tokenize.SegmentTokenizer, train_on: str) -> list[Encoded]:
+    """Rows → encoded examples, rendered ones checked against their whole runs of text."""
+    segments = [template.segments(r) for r in rows]
+    encoded = tokenize.encode_many(segments, tok, framed=template.framed)
+    if not template.framed:
+        bad = tokenize.check_rendered(segments, encoded, tok)
+        if bad is not None:
+            raise chat_templates.TemplateError(
+                f"{rows[bad].source}: the chat template's segments tokenize differently from "
+                "their whole text (a token spans a prompt/answer boundary); loss masks would "
+                "not be exact: use another template"
+            )
+    if train_on == "last_assistant_turn":
+        encoded = [tokenize.keep_last_turn(e) for e in encoded]
+    elif train_on != "all_assistant_turns":
+        raise ValueError(
+            f"train_on must be all_assistant_turns or last_assistant_turn: {train_on!r}"
+        )
+    return encoded
+
+
+def _without_history(row: records.Row, cut: int) -> records.Row | None:
+    """The row without its first `cut` exchanges (a system turn stays); None when none is left."""
+    turns = row.conversation()
+    system = turns[:1] if turns[0][0] == "system" else ()
+    rest = turns[len(system) + 2 * cut :]
+    if not rest:
+        return None
+    return records.Row(row.source, messages=system + rest)
+
+
+def _truncate_history(row, template, tok, config, report) -> Encoded | None:
+    """Drop the earliest exchanges until the example fits (None: even the last one doesn't)."""
+    for cut in range(1, len(row.conversation()) // 2 + 1):
+        shorter = _without_history(row, cut)
+        if shorter is None:
+            return None
+        (encoded,) = _encode([shorter], template, tok, config.train_on)
+        if len(encoded.ids) - 1 <= config.seq_len:
+            report.history_truncated += 1
+            report.turns_cut += 2 * cut
+            return encoded
+    return None
+
+
 def encode_rows(
     rows: Sequence[records.Row],
-    template: templates.Template,
+    template,
     tok: tokenize.SegmentTokenizer,
     *,
-    seq_len: int,
-    overlong: str,
+    config: ml_collections.ConfigDict,
     report: DataReport,
 ) -> list[Example]:
-    """Rows → fitted, shifted examples; the length policy's outcomes are counted in report."""
+    """Rows → fitted, shifted examples; the length policy's outcomes are counted in report.
+
+    Uses config.seq_len, .overlong and .train_on; `template` comes from make_template.
+    """
     examples = []
-    for encoded in tokenize.encode_many([template(r) for r in rows], tok):
+    for row, encoded in zip(rows, _encode(rows, template, tok, config.train_on), strict=True):
         trained = int(encoded.trainable.sum())
         report.prompt_lengths.append(len(encoded.ids) - trained)
         report.response_lengths.append(trained)
-        fitted = tokenize.fit_length(encoded, seq_len, overlong)
+        fitted = tokenize.fit_length(encoded, config.seq_len, config.overlong)
+        if fitted is None and config.overlong == "truncate_history":
+            fitted = _truncate_history(row, template, tok, config, report)
         if fitted is None:
             report.overlong_dropped += 1
             continue
-        report.prompt_truncated += int(fitted is not encoded)
+        report.prompt_truncated += int(
+            fitted is not encoded and config.overlong == "truncate_prompt"
+        )
         examples.append(tokenize.to_example(fitted))
     return examples
 
@@ -175,14 +241,9 @@ def encode_splits(
     report: DataReport,
 ) -> tuple[list[Example], list[Example]]:
     """Encode both sides with the config's template and length policy (counted in report)."""
-    if config.template not in templates.TEMPLATES:
-        raise ValueError(
-            f"data.template {config.template!r} is not one of {list(templates.TEMPLATES)}"
-        )
-    template = templates.TEMPLATES[config.template]
-    kwargs = dict(seq_len=config.seq_len, overlong=config.overlong, report=report)
-    train = encode_rows(train_rows, template, tok, **kwargs)
-    validation = encode_rows(validation_rows, template, tok, **kwargs)
+    template = make_template(config, tok)
+    train = encode_rows(train_rows, template, tok, config=config, report=report)
+    validation = encode_rows(validation_rows, template, tok, config=config, report=report)
     if not train:
         counts = report.train_records
         raise records.DataError(

@@ -1,9 +1,10 @@
 """Instruction rows from JSONL / JSON-array files, validated, every problem located at file:line.
 
 Owns: expanding file specs (a list, a comma-separated string, globs), parsing JSONL and JSON
-arrays while tracking the line where each row starts, validating instruction rows
-(`instruction`, optional `input`, `response` with `output` as an alias) and chat rows
-(`messages: [{role, content}]`), dropping duplicates (rows equal after normalising case,
+arrays while tracking the line where each row starts, validating the row formats (`FORMATS`:
+alpaca `instruction` / optional `input` / `response` with `output` as an alias; TRL-style
+`prompt` / `completion`; ShareGPT `conversations: [{from, value}]`; OpenAI-style
+`messages: [{role, content}]`), dropping duplicates (rows equal after normalising case,
 punctuation and whitespace with dedup.normalize), and the `RecordReport`.
 Does not own: templates, tokenization, the validation split (pipeline.py), or exiting the
 process: with `bad_rows="fail"` it raises `BadRowsError`, which the caller's main turns into a
@@ -37,19 +38,32 @@ TURN_ORDER = "bad turn order"
 
 ROLES = ("system", "user", "assistant")
 RESPONSE_ALIASES = ("output",)  # accepted when the configured response field is absent
+# ShareGPT speakers; the OpenAI names are accepted too (some exports mix them).
+SHAREGPT_ROLES = {"human": "user", "gpt": "assistant", "system": "system"}
+SHAREGPT_ROLES |= {r: r for r in ROLES}
+FORMATS = ("alpaca", "prompt_completion", "sharegpt", "messages")
 
 Message = tuple[str, str]  # (role, content)
 
 
 @dataclasses.dataclass(frozen=True)
 class Row:
-    """One validated row; instruction rows fill the first three fields, chat rows `messages`."""
+    """One validated row; alpaca and prompt/completion rows fill the first three fields
+    (a completion is the response to a prompt without input), conversations `messages`."""
 
     source: str  # "path:line" where the row starts
     instruction: str = ""
     input: str = ""
     response: str = ""
     messages: tuple[Message, ...] = ()
+
+    def conversation(self) -> tuple[Message, ...]:
+        """The row as chat turns: an instruction row is one user turn (its input after a blank
+        line, as TRL and axolotl join them) and, when it has one, one assistant turn."""
+        if self.messages:
+            return self.messages
+        user = self.instruction + (f"\n\n{self.input}" if self.input.strip() else "")
+        return (("user", user),) + ((("assistant", self.response),) if self.response else ())
 
     def content_key(self) -> str:
         """The row's normalised content without its location: equal for duplicates, even ones
@@ -64,6 +78,7 @@ class RecordReport:
     """What reading found: counts by reason, duplicates, and the first problems verbatim."""
 
     files: list[str]
+    format: str = ""  # the row format read (resolved when "auto")
     rows_read: int = 0  # rows seen in the files, good and bad
     rows_kept: int = 0  # rows returned (good, not duplicates)
     bad_by_reason: dict[str, int] = dataclasses.field(default_factory=dict)
@@ -79,7 +94,8 @@ class RecordReport:
     def summary(self) -> str:
         """Human-readable report: counts first, then the quoted problems."""
         lines = [
-            f"files: {len(self.files)}; rows read: {self.rows_read}; kept: {self.rows_kept}; "
+            f"files: {len(self.files)} ({self.format} rows); rows read: {self.rows_read}; "
+            f"kept: {self.rows_kept}; "
             f"bad: {self.bad_rows}; duplicates: {self.duplicates}"
         ]
         lines += [f"  bad rows, {r}: {n}" for r, n in sorted(self.bad_by_reason.items())]
@@ -281,54 +297,110 @@ def _instruction_row(obj: dict, source: str, fields: dict[str, str]) -> Row:
     )
 
 
-def _chat_row(obj: dict, source: str, key: str) -> Row:
+def _prompt_completion_row(obj: dict, source: str, fields: dict[str, str]) -> Row:
+    return Row(
+        source=source,
+        instruction=_text(obj.get(fields["prompt"]), fields["prompt"]),
+        response=_text(obj.get(fields["completion"]), fields["completion"]),
+    )
+
+
+def _turns(obj: dict, key: str) -> list:
     turns = obj.get(key)
     if turns is None:
         raise _BadRow(key, MISSING)
     if not isinstance(turns, list):
         raise _BadRow(key, NOT_LIST, type(turns).__name__)
-    messages = []
     for i, turn in enumerate(turns):
         if not isinstance(turn, dict):
             raise _BadRow(f"{key}[{i}]", NOT_OBJECT)
-        role = _text(turn.get("role"), f"{key}[{i}].role")
-        if role not in ROLES:
-            raise _BadRow(f"{key}[{i}].role", UNKNOWN_ROLE, repr(role))
-        messages.append((role, _text(turn.get("content"), f"{key}[{i}].content")))
+    return turns
+
+
+def _checked_order(messages: list[Message], key: str, source: str, role: str) -> Row:
+    """An optional system turn, then user/assistant alternating, ending with assistant."""
     roles = [r for r, _ in messages]
     if "assistant" not in roles:
         raise _BadRow(key, NO_ASSISTANT)
     start = 1 if roles[0] == "system" else 0
-    for i, role in enumerate(roles[start:], start=start):
+    for i, got in enumerate(roles[start:], start=start):
         expected = "user" if (i - start) % 2 == 0 else "assistant"
-        if role != expected:
-            raise _BadRow(f"{key}[{i}].role", TURN_ORDER, f"expected {expected}, got {role}")
+        if got != expected:
+            raise _BadRow(f"{key}[{i}].{role}", TURN_ORDER, f"expected {expected}, got {got}")
     if roles[-1] != "assistant":
-        raise _BadRow(f"{key}[{len(roles) - 1}].role", TURN_ORDER, "ends with a user turn")
+        raise _BadRow(f"{key}[{len(roles) - 1}].{role}", TURN_ORDER, "ends with a user turn")
     return Row(source=source, messages=tuple(messages))
+
+
+def _conversation_row(obj: dict, source: str, key: str, sharegpt: bool) -> Row:
+    """OpenAI-style {role, content} turns, or ShareGPT {from, value} turns mapped to roles."""
+    role_key, text_key = ("from", "value") if sharegpt else ("role", "content")
+    names = SHAREGPT_ROLES if sharegpt else {r: r for r in ROLES}
+    messages = []
+    for i, turn in enumerate(_turns(obj, key)):
+        name = _text(turn.get(role_key), f"{key}[{i}].{role_key}")
+        if name not in names:
+            raise _BadRow(f"{key}[{i}].{role_key}", UNKNOWN_ROLE, repr(name))
+        messages.append((names[name], _text(turn.get(text_key), f"{key}[{i}].{text_key}")))
+    return _checked_order(messages, key, source, role_key)
+
+
+def detect_format(obj: dict, fields: dict[str, str]) -> str:
+    """The format a row object is in, from its keys (data.format="auto")."""
+    if fields["messages"] in obj:
+        return "messages"
+    if fields["conversations"] in obj:
+        return "sharegpt"
+    if fields["prompt"] in obj and fields["completion"] in obj:
+        return "prompt_completion"
+    return "alpaca"
+
+
+def _parse(obj: dict, source: str, row_format: str, fields: dict[str, str]) -> Row:
+    if row_format == "messages":
+        return _conversation_row(obj, source, fields["messages"], sharegpt=False)
+    if row_format == "sharegpt":
+        return _conversation_row(obj, source, fields["conversations"], sharegpt=True)
+    if row_format == "prompt_completion":
+        return _prompt_completion_row(obj, source, fields)
+    return _instruction_row(obj, source, fields)
 
 
 def read_records(
     paths: str | Sequence[str],
     *,
-    chat: bool = False,
+    row_format: str = "alpaca",
     instruction_field: str = "instruction",
     input_field: str = "input",
     response_field: str = "response",
     messages_field: str = "messages",
+    prompt_field: str = "prompt",
+    completion_field: str = "completion",
+    conversations_field: str = "conversations",
     bad_rows: str = "fail",
     drop_duplicates: bool = True,
 ) -> tuple[list[Row], RecordReport]:
     """Every valid row of the files, in file order, and a report of what was rejected and why.
 
-    With bad_rows="fail" any bad row raises BadRowsError after all files are read (so the message
+    row_format is one of FORMATS, or "auto": the format of the first JSON object read. With
+    bad_rows="fail" any bad row raises BadRowsError after all files are read (so the message
     has complete counts); with "skip" bad rows are only counted.
     """
     if bad_rows not in ("fail", "skip"):
         raise ValueError(f"bad_rows must be 'fail' or 'skip', got {bad_rows!r}")
+    if row_format not in (*FORMATS, "auto"):
+        raise ValueError(f"row format must be one of {FORMATS} or 'auto', got {row_format!r}")
     files = expand_paths(paths)
-    fields = {"instruction": instruction_field, "input": input_field, "response": response_field}
-    report = RecordReport(files=files)
+    fields = {
+        "instruction": instruction_field,
+        "input": input_field,
+        "response": response_field,
+        "messages": messages_field,
+        "prompt": prompt_field,
+        "completion": completion_field,
+        "conversations": conversations_field,
+    }
+    report = RecordReport(files=files, format=row_format)
     rows: list[Row] = []
     first_seen: dict[str, str] = {}
     for path in files:
@@ -341,11 +413,9 @@ def read_records(
                     raise value
                 if not isinstance(value, dict):
                     raise _BadRow("row", NOT_OBJECT, type(value).__name__)
-                row = (
-                    _chat_row(value, source, messages_field)
-                    if chat
-                    else _instruction_row(value, source, fields)
-                )
+                if report.format == "auto":
+                    report.format = detect_format(value, fields)
+                row = _parse(value, source, report.format, fields)
             except _BadRow as bad:
                 report.bad_by_reason[bad.reason] = report.bad_by_reason.get(bad.reason, 0) + 1
                 if len(report.problems) < MAX_PROBLEMS:

@@ -1,15 +1,16 @@
 """`python -m sftjax.data.report --config=configs/base.py --config.data.train_files=…`
 
-Owns: the data report a person reads before training: rows read, bad rows by reason (with the
-first problems at file:line), duplicates dropped, the grouped split or the leakage between
-training and validation files (pairs at file:line), the largest groups of equal or
-near-duplicate prompts, the task mix, empty / one-token / instruction-repeating responses,
-over-long examples, prompt/response length percentiles, a response-length histogram (PNG at
---histogram), packing efficiency and examples per packed row, and three rendered examples with
-the trained part marked ⟦like this⟧ (rendered from the token ids and loss mask themselves).
+Owns: the data report a person reads before training: rows read and their format, bad rows by
+reason (with the first problems at file:line), duplicates dropped, the grouped split or the
+leakage between training and validation files (pairs at file:line), the largest groups of equal
+or near-duplicate prompts, the task mix, empty / one-token / instruction-repeating responses, the
+template and which turns are trained, over-long examples (dropped, prompt truncated, history
+truncated and turns cut), prompt/response length percentiles, a response-length histogram (PNG
+at --histogram), packing efficiency and examples per packed row, and three rendered examples
+with the trained part marked ⟦like this⟧ (rendered from the token ids and loss mask themselves).
 Exits 1 where training would refuse the data: bad rows under bad_rows="fail", leaks under
 leakage="fail"; 2 with one message when the data cannot be read at all (no file, empty file,
-no rows left).
+no rows left) or the chat template cannot give exact masks.
 Does not own: any of the computations (records, groups, quality, tokenize and pipeline do them).
 """
 
@@ -81,7 +82,7 @@ def build_report(
     efficiency, per_row = pipeline.packing_stats(
         train, seq_len=data.seq_len, seed=data.shuffle_seed, num_bins=data.packing_bins
     )
-    over = report.overlong_dropped + report.prompt_truncated
+    over = report.overlong_dropped + report.prompt_truncated + report.history_truncated
     mix = quality.task_mix(rows)
     lines = [
         report.summary(),
@@ -90,9 +91,11 @@ def build_report(
         "task mix (leading word of the instruction): "
         + ", ".join(f"{word or '(none)'} {100 * n / len(rows):.1f} %" for word, n in mix),
         quality.response_flags(rows, report.response_lengths).summary(),
+        f"template {data.template!r}, training on {data.train_on.replace('_', ' ')}",
         f"over-long examples (> seq_len {data.seq_len} tokens): {over} "
         f"(policy {data.overlong!r}: dropped {report.overlong_dropped}, "
-        f"prompt truncated {report.prompt_truncated})",
+        f"prompt truncated {report.prompt_truncated}, history truncated "
+        f"{report.history_truncated} with {report.turns_cut} turns cut)",
         _percentiles("prompt", report.prompt_lengths),
         _percentiles("response", report.response_lengths),
         f"packing at seq_len {data.seq_len}, {data.packing_bins} bins: efficiency "

@@ -1,8 +1,10 @@
 """Segments → token ids with an exact loss mask → `Example`, shifted once per example.
 
-Owns: loading a local Hugging Face tokenizer, encoding each segment on its own (BOS id once at
-the start, EOS id after every run of trainable segments and itself trainable), the length
-policy (`drop` / `truncate_prompt`) and the shift
+Owns: loading a local Hugging Face tokenizer, encoding each segment on its own (for framed
+templates: BOS id once at the start, EOS id after every run of trainable segments and itself
+trainable; special segments of rendered chat templates: their ids), which assistant turns are
+trained (`keep_last_turn`), the length policies (`drop` / `truncate_prompt`; pipeline.py does
+`truncate_history`) and the shift
 `Example(tokens=ids[:-1], targets=ids[1:], loss_mask=trainable[1:])`.
 Does not own: templates, packing, batching.
 
@@ -17,6 +19,8 @@ every later segment, because mid-string text gets no prefix. Both encode special
 such as "</s>" as plain text (`encode_special_tokens`), so a row can't end its example or add a
 control token; only this module inserts BOS/EOS, as ids. `load_tokenizer` checks on probe strings
 that segment-wise == whole-string for the loaded tokenizer and refuses one where it isn't.
+For rendered chat templates, `check_rendered` compares every row with its whole runs of text
+(the render cut only at special tokens, as the HF tokenizer cuts it).
 """
 
 import copy
@@ -33,7 +37,7 @@ from sftjax import paths
 from sftjax.data.records import Row
 from sftjax.data.templates import Segment, alpaca, render
 
-OVERLONG_POLICIES = ("drop", "truncate_prompt")
+OVERLONG_POLICIES = ("drop", "truncate_prompt", "truncate_history")
 
 
 @dataclasses.dataclass(frozen=True)
@@ -45,6 +49,9 @@ class SegmentTokenizer:
     continuation: tokenizers.Tokenizer
     bos_id: int | None  # None when the tokenizer defines no BOS (then nothing is prepended)
     eos_id: int
+    # True: `first` adds a dummy prefix, i.e. encodes text as `continuation` encodes it with a
+    # space in front (unless it starts with one); False: no prefix; None: neither holds.
+    prefix_space: bool | None = None
 
     def decode(self, ids: Sequence[int]) -> str:
         """Exact text of ids, control tokens shown (no leading-space strip): for reports, tests."""
@@ -127,15 +134,29 @@ def load_tokenizer(path: str) -> SegmentTokenizer:
     continuation_spec["pre_tokenizer"] = _drop_prefix(spec.get("pre_tokenizer"), "")
     decoder = _drop_prefix(spec.get("decoder"), "Strip")  # no leading-space strip: exact decode
     continuation_spec["decoder"] = None if _is_type(decoder, "Strip") else decoder
+    first, continuation = _backend(spec), _backend(continuation_spec)
     tok = SegmentTokenizer(
         hf=hf,
-        first=_backend(spec),
-        continuation=_backend(continuation_spec),
+        first=first,
+        continuation=continuation,
         bos_id=hf.bos_token_id,
         eos_id=hf.eos_token_id,
+        prefix_space=_prefix_space(first, continuation),
     )
     check_segmentation(tok, path)
     return tok
+
+
+def _prefix_space(first: tokenizers.Tokenizer, continuation: tokenizers.Tokenizer) -> bool | None:
+    """Whether the start-of-string encoding is the continuation one after a space (on PROBES)."""
+    ids = lambda t, s: t.encode(s, add_special_tokens=False).ids  # noqa: E731
+    probes = [p for p in PROBES if p]
+    if all(ids(first, p) == ids(continuation, p) for p in probes):
+        return False
+    spaced = lambda p: p if p.startswith(" ") else " " + p  # noqa: E731
+    if all(ids(first, p) == ids(continuation, spaced(p)) for p in probes):
+        return True
+    return None
 
 
 PROBES = (
@@ -172,34 +193,79 @@ def whole_string_ids(text: str, tok: SegmentTokenizer) -> list[int]:
     return ([tok.bos_id] if tok.bos_id is not None else []) + list(ids) + [tok.eos_id]
 
 
-def encode_many(examples: Sequence[list[Segment]], tok: SegmentTokenizer) -> list[Encoded]:
-    """Encode many segment lists with two batched calls (Rust, multi-threaded)."""
-    heads = [segs[0].text if segs else "" for segs in examples]
-    tails = [s.text for segs in examples for s in segs[1:]]
+def encode_many(
+    examples: Sequence[list[Segment]], tok: SegmentTokenizer, *, framed: bool = True
+) -> list[Encoded]:
+    """Encode many segment lists with two batched calls (Rust, multi-threaded).
+
+    The first segment, if text, is encoded as the start of a string; later text continues it.
+    framed: BOS id first, EOS id after each trainable run (built-in templates); otherwise the
+    ids are exactly the segments', special segments being one id each (rendered templates).
+    """
+    heads = [segs[0].text if segs and not segs[0].special else "" for segs in examples]
+    tails = [s.text for segs in examples for s in segs[1:] if not s.special]
     head_ids = tok.first.encode_batch(heads, add_special_tokens=False)
     tail_ids = iter(tok.continuation.encode_batch(tails, add_special_tokens=False))
     out = []
     for segs, head in zip(examples, head_ids, strict=True):
-        ids: list[int] = [] if tok.bos_id is None else [tok.bos_id]
+        ids: list[int] = [tok.bos_id] if framed and tok.bos_id is not None else []
         mask: list[int] = [0] * len(ids)
         for i, seg in enumerate(segs):
-            piece = (head if i == 0 else next(tail_ids)).ids
+            if seg.special:
+                piece = [tok.hf.convert_tokens_to_ids(seg.text)]
+            else:
+                piece = (head if i == 0 else next(tail_ids)).ids
             ids += piece
             mask += [int(seg.trainable)] * len(piece)
-            if seg.trainable and (i + 1 == len(segs) or not segs[i + 1].trainable):
+            ends_run = i + 1 == len(segs) or not segs[i + 1].trainable
+            if framed and seg.trainable and ends_run:
                 ids.append(tok.eos_id)  # the model learns to stop after each response
                 mask.append(1)
         out.append(Encoded(np.asarray(ids, np.int32), np.asarray(mask, np.int32)))
     return out
 
 
-def encode(segments: list[Segment], tok: SegmentTokenizer) -> Encoded:
+def encode(segments: list[Segment], tok: SegmentTokenizer, *, framed: bool = True) -> Encoded:
     """Encode one segment list (see encode_many)."""
-    return encode_many([segments], tok)[0]
+    return encode_many([segments], tok, framed=framed)[0]
+
+
+def whole_runs(segments: list[Segment]) -> list[Segment]:
+    """The segments' text joined between special tokens: what a whole-string tokenizer sees."""
+    runs: list[Segment] = []
+    for seg in segments:
+        if runs and not seg.special and not runs[-1].special:
+            runs[-1] = Segment(runs[-1].text + seg.text, False)
+        else:
+            runs.append(Segment(seg.text, False, seg.special))
+    return runs
+
+
+def check_rendered(
+    examples: Sequence[list[Segment]], encoded: Sequence[Encoded], tok: SegmentTokenizer
+) -> int | None:
+    """Index of the first rendered example whose ids differ from its whole runs', else None."""
+    whole = encode_many([whole_runs(segs) for segs in examples], tok, framed=False)
+    for i, (got, want) in enumerate(zip(encoded, whole, strict=True)):
+        if not np.array_equal(got.ids, want.ids):
+            return i
+    return None
+
+
+def keep_last_turn(encoded: Encoded) -> Encoded:
+    """Train on the last run of trainable tokens only (data.train_on="last_assistant_turn")."""
+    trainable = encoded.trainable
+    starts = np.flatnonzero(np.diff(np.r_[0, trainable]) == 1)
+    if len(starts) <= 1:
+        return encoded
+    kept = trainable.copy()
+    kept[: starts[-1]] = 0
+    return Encoded(encoded.ids, kept)
 
 
 def fit_length(encoded: Encoded, seq_len: int, overlong: str) -> Encoded | None:
-    """Make the shifted example fit seq_len: unchanged, prompt cut from the left, or None (drop)."""
+    """Make the shifted example fit seq_len: unchanged, prompt cut from the left, or None (drop;
+    under truncate_history the caller then re-encodes the row with fewer turns)."""
     if overlong not in OVERLONG_POLICIES:
         raise ValueError(f"overlong must be one of {OVERLONG_POLICIES}, got {overlong!r}")
     excess = len(encoded.ids) - 1 - seq_len
@@ -207,7 +273,7 @@ def fit_length(encoded: Encoded, seq_len: int, overlong: str) -> Encoded | None:
         return encoded
     first_trained = int(np.argmax(encoded.trainable)) if encoded.trainable.any() else 0
     # Keep ids[0] (BOS, when there is one) and at least one token before the first target.
-    if overlong == "drop" or excess > first_trained - 1:
+    if overlong != "truncate_prompt" or excess > first_trained - 1:
         return None
     keep = np.r_[0, 1 + excess : len(encoded.ids)]
     return Encoded(encoded.ids[keep], encoded.trainable[keep])

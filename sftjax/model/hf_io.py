@@ -6,6 +6,8 @@ at a time (safetensors, memory-mapped) and places it straight into its target sh
 checkpoint is never whole on one host. Saving writes into a temporary sibling directory that is
 renamed at the end, so an interrupted export never leaves a half-written model behind.
 Pickle (`.bin`) checkpoints are refused: they can execute code when loaded.
+The exported tokenizer carries the training format: `chat_template.jinja` (what
+`apply_chat_template` renders) and a post-processor that adds BOS exactly when training did.
 """
 
 import dataclasses
@@ -75,6 +77,7 @@ TOKENIZER_FILES = (
 )
 MAX_SHARD_BYTES = 5 * 1024**3
 log = logging.getLogger("sftjax")
+TRAINING_FORMAT_FILE = "sftjax_format.json"  # {"template": ...}: what sftjax.generate reads
 
 
 class CheckpointError(ValueError):
@@ -411,6 +414,9 @@ def save_pretrained(
     path: str | os.PathLike,
     *,
     tokenizer_dir: str | os.PathLike | None = None,
+    chat_template: str | None = None,
+    training_format: dict | None = None,
+    add_bos: bool | None = None,
     dtype: str | None = None,
     bos_token_id: int = 1,
     eos_token_id: int = 2,
@@ -421,7 +427,8 @@ def save_pretrained(
 
     Tensors go out one at a time (gathered to process 0 for multi-host). `dtype` defaults to the
     parameter dtype. An existing `path` is replaced only with `overwrite=True`, and only after
-    the new export is complete.
+    the new export is complete. With `tokenizer_dir`, the tokenizer is exported too (see
+    export_tokenizer: `chat_template`, `add_bos`); `training_format` is written as JSON.
     """
     cfg: llama.LlamaConfig = model.cfg
     dtype = dtype or cfg.param_dtype
@@ -471,16 +478,71 @@ def save_pretrained(
     generation = {"bos_token_id": bos_token_id, "eos_token_id": eos_token_id}
     (staging / "generation_config.json").write_text(json.dumps(generation, indent=2))
     if tokenizer_dir is not None:
-        for name in TOKENIZER_FILES:
-            source = paths.resolve(tokenizer_dir) / name
-            if source.exists():
-                source.copy(epath.Path(staging / name), overwrite=True)
+        export_tokenizer(tokenizer_dir, staging, chat_template=chat_template, add_bos=add_bos)
+    if training_format is not None:
+        (staging / TRAINING_FORMAT_FILE).write_text(json.dumps(training_format, indent=2))
     if remote:
         _upload_dir(staging, final)
         shutil.rmtree(staging.parent)
     else:
         _replace_dir(staging, pathlib.Path(final))
     return final
+
+
+def export_tokenizer(
+    source: str | os.PathLike,
+    target: pathlib.Path,
+    *,
+    chat_template: str | None = None,
+    add_bos: bool | None = None,
+) -> None:
+    """Copy the tokenizer files; write `chat_template`; make plain encoding add BOS as training did.
+
+    Training puts BOS first (when the tokenizer has one) and never appends EOS to a prompt, so
+    the export must do the same for `tokenizer(text)` (add_bos=None: leave it as it is).
+    Tokenizers whose post-processor differs (a byte-level one with none) get a
+    TemplateProcessing post-processor that does exactly that.
+    """
+    import tokenizers
+    import transformers
+
+    for name in TOKENIZER_FILES:
+        file = paths.resolve(source) / name  # local or gs://
+        if file.exists():
+            file.copy(epath.Path(target / name), overwrite=True)
+    config_path = target / "tokenizer_config.json"
+    settings = json.loads(config_path.read_text()) if config_path.exists() else {}
+    if chat_template is not None:
+        # transformers 5 reads chat_template.jinja; a second copy in the config could disagree.
+        (target / "chat_template.jinja").write_text(chat_template)
+        settings.pop("chat_template", None)
+        config_path.write_text(json.dumps(settings, indent=2, ensure_ascii=False))
+
+    def loaded():
+        return transformers.AutoTokenizer.from_pretrained(target, local_files_only=True)
+
+    if add_bos is None:
+        return
+    hf = loaded()
+    bos = hf.bos_token if add_bos and hf.bos_token_id is not None else None
+    text_ids = hf("x", add_special_tokens=False)["input_ids"]
+    want = ([hf.bos_token_id] if bos else []) + text_ids
+    if hf("x")["input_ids"] == want:
+        return
+    backend = tokenizers.Tokenizer.from_file(str(target / "tokenizer.json"))
+    head = f"{bos} " if bos else ""
+    backend.post_processor = tokenizers.processors.TemplateProcessing(
+        single=f"{head}$A",
+        pair=f"{head}$A {head}$B:1",
+        special_tokens=[(bos, hf.bos_token_id)] if bos else [],
+    )
+    backend.save(str(target / "tokenizer.json"))
+    settings.update(add_bos_token=bool(bos), add_eos_token=False)
+    config_path.write_text(json.dumps(settings, indent=2, ensure_ascii=False))
+    if loaded()("x")["input_ids"] != want:
+        raise CheckpointError(
+            f"{source}: could not make the exported tokenizer add BOS={bos!r} as training did"
+        )
 
 
 def _plan_shards(cfg, params, entries, itemsize: int, max_bytes: int) -> list[list]:
