@@ -35,7 +35,7 @@ from flax import nnx
 
 from sftjax import paths
 from sftjax.data import chat_templates, records, templates, tokenize
-from sftjax.model import hf_io, llama
+from sftjax.model import hf_export, hf_io, llama
 
 MIN_BUCKET = 16  # shortest prefill length: small prompts share one compile
 
@@ -294,7 +294,7 @@ def _load(path: paths.Path, dtype: str) -> tuple[llama.Llama, str, dict]:
         model, tokenizer_dir = checkpoint.load_best(path, dtype=dtype)
         return model, tokenizer_dir, training_data_config(path)
     model = hf_io.load_pretrained(path, dtype=dtype, param_dtype=dtype)
-    recorded = path / hf_io.TRAINING_FORMAT_FILE
+    recorded = path / hf_export.TRAINING_FORMAT_FILE
     return model, path, json.loads(recorded.read_text()) if recorded.exists() else {}
 
 

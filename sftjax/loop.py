@@ -26,7 +26,7 @@ from jax.experimental import multihost_utils
 from sftjax import checkpoint, generate, metrics, paths, resume_check, sharding, train
 from sftjax import config as config_lib
 from sftjax.data import chat_templates, pipeline, tokenize
-from sftjax.model import hf_io, llama
+from sftjax.model import hf_export, hf_io, llama
 
 log = logging.getLogger("sftjax")
 
@@ -111,7 +111,7 @@ def fit(config: ml_collections.ConfigDict, workdir) -> FitResult:
     """Train per `config`, resuming from `workdir` (local or gs://) if it holds a checkpoint."""
     run = _prepare(config, paths.resolve(workdir))
     if jax.process_index() == 0:
-        hf_io.recover_export(run.workdir / "hf_export")
+        hf_export.recover_export(run.workdir / "hf_export")
     ckpt = checkpoint.Checkpointer(
         run.workdir / "checkpoints",
         max_to_keep=config.checkpoint.max_to_keep,
@@ -377,7 +377,7 @@ def _finish(run: _Run, ckpt, writer, stop_reason: str, step: int, early) -> FitR
     if config.checkpoint.export_hf:
         log.info("exporting step %d to %s", best_step, run.workdir / "hf_export")
         with _signals_deferred():  # a SIGTERM now would leave no export; it is nearly done
-            export_dir = hf_io.save_pretrained(
+            export_dir = hf_export.save_pretrained(
                 best_model,
                 run.workdir / "hf_export",
                 tokenizer_dir=config.data.tokenizer,

@@ -15,7 +15,7 @@ from conftest import shared_path
 
 from sftjax import demo_data, generate
 from sftjax.data import chat_templates, records, templates, tokenize
-from sftjax.model import hf_io
+from sftjax.model import hf_export
 
 shared_rows = test_tokenize.shared_rows  # fixture: all 3,191 shared Alpaca rows
 
@@ -24,7 +24,7 @@ def _export(tok: tokenize.SegmentTokenizer, source, name: str, target):
     """Export only the tokenizer, as save_pretrained does after a run with data.template=name."""
     settings = chat_templates.export_settings(templates.TEMPLATES[name], tok)
     target.mkdir()
-    hf_io.export_tokenizer(
+    hf_export.export_tokenizer(
         source, target, chat_template=settings["chat_template"], add_bos=settings["add_bos"]
     )
     return transformers.AutoTokenizer.from_pretrained(target)
@@ -142,7 +142,7 @@ def test_tokenizer_template_exports_itself(llama2, tmp_path):
 
 def _export_raw(tok, settings, target):
     target.mkdir()
-    hf_io.export_tokenizer(
+    hf_export.export_tokenizer(
         shared_path("llama2_tokenizer"),
         target,
         chat_template=settings["chat_template"],

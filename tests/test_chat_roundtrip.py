@@ -14,7 +14,7 @@ from train_fixtures import demo_corpus
 
 from sftjax import generate, loop, metrics
 from sftjax.data import tokenize
-from sftjax.model import hf_io
+from sftjax.model import hf_export
 
 
 def _chats(source, target, *, seed: int) -> str:
@@ -61,7 +61,7 @@ def test_chat_model_served_by_transformers_answers_as_sftjax(tmp_path):
     template = generate.training_template(settings, tok, None)
     assert template.name == "chat"
     export = result.export_dir
-    assert json.loads((export / hf_io.TRAINING_FORMAT_FILE).read_text()) == {"template": "chat"}
+    assert json.loads((export / hf_export.TRAINING_FORMAT_FILE).read_text()) == {"template": "chat"}
     hf_tok = transformers.AutoTokenizer.from_pretrained(export)
     hf_model = transformers.LlamaForCausalLM.from_pretrained(export).float().eval()
 

@@ -10,7 +10,7 @@ import safetensors.numpy
 from hf_fixtures import hf_logits, make_hf_llama, our_logits, relative_error
 
 from sftjax import sharding
-from sftjax.model import hf_io
+from sftjax.model import hf_export, hf_io
 
 torch = pytest.importorskip("torch", reason="torch (CPU) is in the test extra for HF parity")
 transformers = pytest.importorskip("transformers")
@@ -54,7 +54,7 @@ def test_tied_embeddings_match_hf(tmp_path):
 @pytest.mark.parametrize("scan_layers", [False, True])
 def test_save_then_hf_loads_same_logits(hf_dir, tmp_path, scan_layers):
     model = hf_io.load_pretrained(hf_dir, dtype="float32", scan_layers=scan_layers)
-    out = hf_io.save_pretrained(model, tmp_path / "export")
+    out = hf_export.save_pretrained(model, tmp_path / "export")
     assert sorted(p.name for p in out.iterdir()) == [
         "config.json",
         "generation_config.json",
@@ -72,7 +72,7 @@ def test_sharded_export_with_index_and_tokenizer(hf_dir, hf_model, tmp_path):
     tok_dir = tmp_path / "tok"
     tok_dir.mkdir()
     (tok_dir / "tokenizer_config.json").write_text("{}")
-    out = hf_io.save_pretrained(
+    out = hf_export.save_pretrained(
         model, tmp_path / "export", max_shard_bytes=40_000, tokenizer_dir=tok_dir, dtype="bfloat16"
     )
     index = json.loads((out / "model.safetensors.index.json").read_text())
@@ -98,7 +98,7 @@ def test_load_places_params_in_mesh_sharding(hf_dir, hf_model):
 
 def test_interrupted_export_leaves_previous_export_intact(hf_dir, tmp_path, monkeypatch):
     model = hf_io.load_pretrained(hf_dir, dtype="float32")
-    out = hf_io.save_pretrained(model, tmp_path / "export")
+    out = hf_export.save_pretrained(model, tmp_path / "export")
     before = {p.name: p.read_bytes() for p in out.iterdir()}
     calls = []
 
@@ -111,10 +111,10 @@ def test_interrupted_export_leaves_previous_export_intact(hf_dir, tmp_path, monk
     real_save = safetensors.numpy.save_file
     monkeypatch.setattr(safetensors.numpy, "save_file", dies_on_second_shard)
     with pytest.raises(KeyboardInterrupt):
-        hf_io.save_pretrained(model, out, overwrite=True, max_shard_bytes=40_000)
+        hf_export.save_pretrained(model, out, overwrite=True, max_shard_bytes=40_000)
     assert {p.name: p.read_bytes() for p in out.iterdir()} == before
     with pytest.raises(FileExistsError):
-        hf_io.save_pretrained(model, out)
+        hf_export.save_pretrained(model, out)
 
 
 def test_missing_directory():

@@ -24,7 +24,7 @@ from multihost_fixtures import device_env
 from train_fixtures import ROOT, config_with, demo_corpus, main_command, short_run, train_losses
 
 from sftjax import checkpoint, loop, sharding
-from sftjax.model import hf_io
+from sftjax.model import hf_export
 
 STEPS = 16
 
@@ -185,6 +185,6 @@ def test_export_interrupted_between_renames_is_restored_at_next_start(tmp_path):
     (tmp_path / ".hf_export.old-123").mkdir()  # the complete previous export, renamed aside
     (tmp_path / ".hf_export.old-123" / "config.json").write_text("{}")
     (tmp_path / ".hf_export.tmp-123").mkdir()  # the new one, not yet renamed into place
-    hf_io.recover_export(final)
+    hf_export.recover_export(final)
     assert (final / "config.json").read_text() == "{}"
     assert sorted(p.name for p in tmp_path.iterdir()) == ["hf_export"]

@@ -22,7 +22,7 @@ from multihost_fixtures import device_env
 from train_fixtures import ROOT, demo_corpus, main_command, short_run, train_losses
 
 from sftjax import paths, sharding
-from sftjax.model import hf_io, llama
+from sftjax.model import hf_export, llama
 
 BUCKET = "sftjax-test"
 
@@ -76,7 +76,7 @@ def sources(emulator, tmp_path_factory):
     train, val, tok_dir, vocab = demo_corpus(local, n_train=200, n_val=40)
     cfg = llama.preset("tiny", vocab_size=vocab, dtype="float32")
     model = llama.create(cfg, sharding.make_mesh(devices=jax.devices()[:1]), seed=3)
-    hf_io.save_pretrained(model, local / "model", dtype="float32")
+    hf_export.save_pretrained(model, local / "model", dtype="float32")
     remote = paths.resolve(f"gs://{BUCKET}/inputs")
     paths.upload_tree(local, remote)
     return local, remote
