@@ -36,7 +36,7 @@ def get_config() -> ml_collections.ConfigDict:
     c.model.dtype = "bfloat16"  # bf16 matmuls and activations
     c.model.scan_layers = True  # one layer compiled, scanned 80 times: unrolled won't compile fast
     c.model.remat = "full"  # keep only each layer's input; memory goes to weights and Adam
-    c.model.attention = "xla"  # runs anywhere; on NVIDIA GPUs "cudnn" is the fused kernel
+    c.model.attention = "auto"  # splash on TPU, cuDNN on NVIDIA GPUs, XLA elsewhere
     c.data.tokenizer = "/path/to/Llama-2-70b-hf"  # placeholder: the model's own tokenizer
     c.data.train_files = "/path/to/train.jsonl"  # placeholder: JSONL rows (alpaca or chat)
     c.data.seq_len = 2048  # tokens per packed row; 4096 (full context) doubles activations

@@ -33,7 +33,7 @@ def get_config() -> ml_collections.ConfigDict:
     c.model.dtype = "bfloat16"  # bf16 matmuls and activations
     c.model.scan_layers = True  # one layer compiled, scanned 32 times: fast compiles
     c.model.remat = "save_dots"  # keeps weight-matmul outputs: ~44 GB/chip at 8 rows × 2048
-    c.model.attention = "xla"  # runs anywhere; on NVIDIA GPUs "cudnn" is the fused kernel
+    c.model.attention = "auto"  # splash on TPU, cuDNN on NVIDIA GPUs, XLA elsewhere
     c.data.tokenizer = "/path/to/Llama-2-7b-hf"  # placeholder: the model's own tokenizer
     c.data.train_files = "/path/to/train.jsonl"  # placeholder: JSONL rows (alpaca or chat)
     c.data.seq_len = 2048  # tokens per packed row; 4096 (full context) doubles activations
