@@ -8,8 +8,9 @@ splash attention, full remat, more chips) and prints the first change that fits.
 
 Fit means arguments + temporaries <= HBM per chip: libtpu itself refuses a compile only when
 temporaries alone exceed HBM, but the arguments (parameters + optimizer state, donated and so
-aliased with the outputs) are resident at the same time. `--devices=N` compiles for N CPU
-devices instead: an estimate only (XLA:CPU upcasts bf16 matmuls, overstating temporaries).
+aliased with the outputs) are resident at the same time. `--devices=N` compiles for N local
+devices instead: GPUs where there are GPUs; on a CPU host a rough estimate only (XLA:CPU
+computes bf16 matmuls in fp32 and uses XLA attention, overstating temporaries).
 
 Owns topology names, the memory arithmetic and the knob search. It builds nothing of its own:
 abstract state, shardings and the jitted step come from loop.py and train.py.
@@ -57,14 +58,14 @@ class PlanError(ValueError):
 
 @dataclasses.dataclass(frozen=True)
 class Target:
-    name: str  # "v5p:2x2x2" or "cpu x8 (estimate)"
-    generation: str  # "v5p", "v5e", "v6e" or "cpu"
+    name: str  # "v5p:2x2x2", or "cpu x8" / "gpu x8" for --devices
+    generation: str  # "v5p", "v5e", "v6e", or the local platform for --devices
     chips: int
     hbm_gib: float
 
     @property
     def is_tpu(self) -> bool:
-        return self.generation != "cpu"
+        return self.generation in CHIPS
 
 
 def parse_topology(text: str) -> Target:
@@ -134,7 +135,7 @@ class Plan:
         share = self.per_chip_gib / self.target.hbm_gib
         verdict = "does NOT fit" if not self.fits else "fits, tight" if self.tight else "fits"
         verdict += f" ({share:.0%} of HBM)"
-        estimate = "" if self.target.is_tpu else " (CPU-compiler estimate)"
+        estimate = " (CPU-compiler estimate)" if self.target.generation == "cpu" else ""
         return (
             f"{self.target.name}, {self.change}: params {self.params_gib:.1f} + optimizer "
             f"{self.optimizer_gib:.1f} GiB/chip; arguments {self.arguments_gib:.1f} + "
@@ -284,7 +285,7 @@ def summary(plans: list[Plan]) -> dict:
         "fits": first.fits,
         "tight": first.tight,
         "target": first.target.name,
-        "estimate": not first.target.is_tpu,
+        "estimate": first.target.generation == "cpu",
         "per_chip_gib": round(first.per_chip_gib, 2),
         "arguments_gib": round(first.arguments_gib, 2),
         "temporaries_gib": round(first.temporaries_gib, 2),
@@ -304,7 +305,9 @@ def summary(plans: list[Plan]) -> dict:
 
 _CONFIG = config_flags.DEFINE_config_file("config", None, "Config file (configs/*.py).")
 _TOPOLOGY = flags.DEFINE_string("topology", None, "TPU slice: v5p:2x4x4, v5p-64, v5e-8, v6e:2x4.")
-_DEVICES = flags.DEFINE_integer("devices", 0, "Instead: N CPU devices, an estimate for GPUs.")
+_DEVICES = flags.DEFINE_integer(
+    "devices", 0, "Instead: N local devices (GPUs, or CPUs for a rough estimate)."
+)
 _HBM = flags.DEFINE_float("hbm_gib", DEFAULT_DEVICE_HBM_GIB, "Memory per device for --devices.")
 _SEARCH = flags.DEFINE_bool("search", True, "If it does not fit, try knobs until one does.")
 flags.mark_flag_as_required("config")
@@ -316,8 +319,9 @@ def main(argv: list[str]) -> None:
         if bool(_TOPOLOGY.value) == bool(_DEVICES.value):
             raise PlanError("give exactly one of --topology=v5p:2x2x2 or --devices=N")
         if _DEVICES.value:
-            jax.config.update("jax_num_cpu_devices", _DEVICES.value)
-            target = Target(f"cpu x{_DEVICES.value}", "cpu", _DEVICES.value, _HBM.value)
+            jax.config.update("jax_num_cpu_devices", _DEVICES.value)  # used if on the CPU
+            local = jax.default_backend()
+            target = Target(f"{local} x{_DEVICES.value}", local, _DEVICES.value, _HBM.value)
         else:
             target = parse_topology(_TOPOLOGY.value)
         plans = plan(_CONFIG.value, target, search=_SEARCH.value)

@@ -88,3 +88,14 @@ def test_splash_needs_whole_blocks():
     q, k, v = (x[:, :200] for x in qkv(4, 2))
     with pytest.raises(ValueError, match="multiple of 128"):
         attention.attend_splash(q, k, v, jnp.ones((2, 200), jnp.int32), interpret=True)
+
+
+def test_cached_splash_kernel_is_reused_across_traces():
+    """The kernel is cached per shape; one built inside a jit must not leak into the next."""
+    q, k, v = (x[:1, :128] for x in qkv(2, 1, seed=3))
+    seg = jnp.ones((1, 128), jnp.int32)
+    for scale in (1.0, 2.0):  # two separate traces of the same shapes
+        out = jax.jit(
+            lambda q, k, v, s, c=scale: attention.attend_splash(c * q, k, v, s, interpret=True)
+        )(q, k, v, seg)
+        np.testing.assert_allclose(out, attention.attend_xla(scale * q, k, v, seg), atol=1e-5)

@@ -101,9 +101,12 @@ def _splash_kernel(length: int, heads: int, interpret: bool):
         block_kv_dq=block,
     )
     mask = splash.MultiHeadMask([splash.CausalMask((length, length))] * heads)
-    return splash.make_splash_mha(
-        mask, block_sizes=sizes, head_shards=1, q_seq_shards=1, interpret=interpret
-    )
+    # Concrete block tables even when first built inside a trace: the cached kernel is reused
+    # by later traces, which must not see this one's tracers.
+    with jax.ensure_compile_time_eval():
+        return splash.make_splash_mha(
+            mask, block_sizes=sizes, head_shards=1, q_seq_shards=1, interpret=interpret
+        )
 
 
 def _splash_local(q_BLNH, k_BLKH, v_BLKH, segment_ids_BL, *, interpret: bool):
