@@ -58,8 +58,10 @@ def run_cli(*args: str) -> subprocess.CompletedProcess:
 
 
 def test_cli_prints_a_json_verdict_and_rejects_bad_input():
-    done = run_cli("--config=configs/tiny.py", "--topology=v5p-8")
+    # 128-token rows: whole splash blocks, so "auto" takes the Pallas kernel for the TPU.
+    done = run_cli("--config=configs/tiny.py", "--topology=v5p-8", "--config.data.seq_len=128")
     assert done.returncode == 0, done.stderr
+    assert "attention: auto -> splash (platform tpu)" in done.stderr
     verdict = json.loads(done.stdout.strip().splitlines()[-1])
     assert verdict["fits"] and verdict["target"] == "v5p:2x2x1" and not verdict["estimate"]
     assert 0 < verdict["per_chip_gib"] < verdict["hbm_gib"] == 95.74

@@ -84,9 +84,12 @@ def attend_xla(q_BLNH, k_BSKH, v_BSKH, segment_ids_BL, kv_segment_ids_BS=None, q
     return jnp.einsum("bnls,bsnh->blnh", probs_BNLS, v_BSNH)
 
 
-@functools.lru_cache(maxsize=16)
 def _splash_kernel(length: int, heads: int, interpret: bool):
-    """One causal splash kernel per (L, local N); its block tables are built once on the host."""
+    """A causal splash kernel for (L, local N), built in the current trace.
+
+    Not cached here: the kernel holds its block tables as arrays of the trace that built it.
+    splash caches the numpy work behind them (the mask processing) itself.
+    """
     block = next((b for b in SPLASH_BLOCKS if length % b == 0), None)
     if block is None:
         raise ValueError(f"splash attention needs data.seq_len a multiple of 128, got {length}")
@@ -101,12 +104,9 @@ def _splash_kernel(length: int, heads: int, interpret: bool):
         block_kv_dq=block,
     )
     mask = splash.MultiHeadMask([splash.CausalMask((length, length))] * heads)
-    # Concrete block tables even when first built inside a trace: the cached kernel is reused
-    # by later traces, which must not see this one's tracers.
-    with jax.ensure_compile_time_eval():
-        return splash.make_splash_mha(
-            mask, block_sizes=sizes, head_shards=1, q_seq_shards=1, interpret=interpret
-        )
+    return splash.make_splash_mha(
+        mask, block_sizes=sizes, head_shards=1, q_seq_shards=1, interpret=interpret
+    )
 
 
 def _splash_local(q_BLNH, k_BLKH, v_BLKH, segment_ids_BL, *, interpret: bool):
