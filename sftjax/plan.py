@@ -303,28 +303,33 @@ def summary(plans: list[Plan]) -> dict:
     return result
 
 
-_CONFIG = config_flags.DEFINE_config_file("config", None, "Config file (configs/*.py).")
-_TOPOLOGY = flags.DEFINE_string("topology", None, "TPU slice: v5p:2x4x4, v5p-64, v5e-8, v6e:2x4.")
-_DEVICES = flags.DEFINE_integer(
-    "devices", 0, "Instead: N local devices (GPUs, or CPUs for a rough estimate)."
-)
-_HBM = flags.DEFINE_float("hbm_gib", DEFAULT_DEVICE_HBM_GIB, "Memory per device for --devices.")
-_SEARCH = flags.DEFINE_bool("search", True, "If it does not fit, try knobs until one does.")
-flags.mark_flag_as_required("config")
+FLAGS = flags.FLAGS
+
+
+def define_flags() -> None:
+    """The CLI's flags, defined on demand: importing this module (tests do) adds none."""
+    config_flags.DEFINE_config_file("config", None, "Config file (configs/*.py).")
+    flags.DEFINE_string("topology", None, "TPU slice: v5p:2x4x4, v5p-64, v5e-8, v6e:2x4.")
+    flags.DEFINE_integer(
+        "devices", 0, "Instead: N local devices (GPUs, or CPUs for a rough estimate)."
+    )
+    flags.DEFINE_float("hbm_gib", DEFAULT_DEVICE_HBM_GIB, "Memory per device for --devices.")
+    flags.DEFINE_bool("search", True, "If it does not fit, try knobs until one does.")
+    flags.mark_flag_as_required("config")
 
 
 def main(argv: list[str]) -> None:
     del argv
     try:
-        if bool(_TOPOLOGY.value) == bool(_DEVICES.value):
+        if bool(FLAGS.topology) == bool(FLAGS.devices):
             raise PlanError("give exactly one of --topology=v5p:2x2x2 or --devices=N")
-        if _DEVICES.value:
-            jax.config.update("jax_num_cpu_devices", _DEVICES.value)  # used if on the CPU
+        if FLAGS.devices:
+            jax.config.update("jax_num_cpu_devices", FLAGS.devices)  # used if on the CPU
             local = jax.default_backend()
-            target = Target(f"{local} x{_DEVICES.value}", local, _DEVICES.value, _HBM.value)
+            target = Target(f"{local} x{FLAGS.devices}", local, FLAGS.devices, FLAGS.hbm_gib)
         else:
-            target = parse_topology(_TOPOLOGY.value)
-        plans = plan(_CONFIG.value, target, search=_SEARCH.value)
+            target = parse_topology(FLAGS.topology)
+        plans = plan(FLAGS.config, target, search=FLAGS.search)
     except (PlanError, config_lib.ConfigError) as e:
         print(f"error: {e}", file=sys.stderr)
         sys.exit(2)
@@ -333,4 +338,5 @@ def main(argv: list[str]) -> None:
 
 
 if __name__ == "__main__":
+    define_flags()
     app.run(main)
