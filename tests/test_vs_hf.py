@@ -9,7 +9,7 @@ import pytest
 from train_fixtures import ROOT
 
 
-@pytest.mark.slow  # ~25 s of CPU; minutes of wall time when the 2 cores are shared
+@pytest.mark.slow  # 11 s on a quiet 2-core box, minutes when other jobs share the cores
 def test_vs_hf_runs_both_sides_and_their_first_losses_agree():
     env = {**os.environ, "JAX_PLATFORMS": "cpu"}
     args = ["--preset", "tiny", "--seq_len", "128", "--batch_size", "8", "--dtype", "float32"]
