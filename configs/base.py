@@ -17,7 +17,7 @@ def get_config() -> ml_collections.ConfigDict:
     c.model.dtype = "bfloat16"  # compute dtype of matmuls and activations
     c.model.scan_layers = True  # stack layers and lax.scan them: fast compiles at 70B
     c.model.remat = "save_dots"  # activation checkpointing: none, full, save_dots
-    c.model.attention = "xla"  # xla (reference, any device) or cudnn (fused, NVIDIA GPUs)
+    c.model.attention = "auto"  # auto: splash on TPU, cudnn on NVIDIA GPUs, else xla (reference)
 
     c.optim = ml_collections.ConfigDict()
     c.optim.lr = 2e-5  # peak learning rate after warmup

@@ -1,11 +1,13 @@
 """Llama-2-70B supervised fine-tuning: configs/base.py plus the published SFT recipe.
 
 70B does NOT fit on 8 chips: fp32 weights + Adam are 12 B/param = 828 GB, 103 GB per chip
-over 8 chips before any activation. The TPU compiler agrees (docs/jax_notes.md: 8 v5p chips,
-topology 2x2x2: "HLO temporaries (132.90G) exceeds available HBM (95.74G)"; on 16 chips
-48.2 GiB of arguments + 26.7 GiB of temporaries per chip). Launch it on >= 16 chips of
-95 GB (v5p-32: 16 chips, 4 hosts) or on more 80 GB GPUs (e.g. 4 nodes × 8 H100, an untested
-estimate) with launch/tpu_pod.sh or launch/slurm.sbatch, which run on every host:
+over 8 chips before any activation. `python -m sftjax.plan` (TPU compiler, per chip, as
+shipped, splash attention) says it needs 32 v5p chips (a v5p-64 slice, 8 hosts): 24.1 GiB of
+arguments + 27.6 of temporaries = 51.7 of 95.7 GiB. On 16 chips (v5p-32) it does NOT fit: 48.2
++ 53.0 = 101.2 GiB; more microbatches make it worse (2: 144.0, 4: 112.8: the fp32 gradient
+accumulator is another copy of the gradients); --config.train.batch_size=32 fits there (48.2 +
+39.8 = 88.0, 92%) at half the tokens per step. GPUs: not planned here; by the same arithmetic
+>= 32 × 80 GB. Launch with launch/tpu_pod.sh or launch/slurm.sbatch, which run on every host:
   python -m sftjax.main --multihost --config=configs/llama2_70b.py --workdir=/shared/runs/70b \
     --config.model.hf_path=/data/Llama-2-70b-hf --config.data.tokenizer=/data/Llama-2-70b-hf \
     --config.data.train_files=/data/sft/train.jsonl
@@ -36,7 +38,7 @@ def get_config() -> ml_collections.ConfigDict:
     c.model.dtype = "bfloat16"  # bf16 matmuls and activations
     c.model.scan_layers = True  # one layer compiled, scanned 80 times: unrolled won't compile fast
     c.model.remat = "full"  # keep only each layer's input; memory goes to weights and Adam
-    c.model.attention = "xla"  # runs anywhere; on NVIDIA GPUs "cudnn" is the fused kernel
+    c.model.attention = "auto"  # splash on TPU, cuDNN on NVIDIA GPUs, XLA elsewhere
     c.data.tokenizer = "/path/to/Llama-2-70b-hf"  # placeholder: the model's own tokenizer
     c.data.train_files = "/path/to/train.jsonl"  # placeholder: JSONL rows (alpaca or chat)
     c.data.seq_len = 2048  # tokens per packed row; 4096 (full context) doubles activations
@@ -48,5 +50,5 @@ def get_config() -> ml_collections.ConfigDict:
     c.eval.every_steps = 200  # validation loss every ~26M training tokens
     c.eval.patience = 3  # stop after 3 evaluations (600 steps) without improvement
     c.eval.min_delta = 0.0  # any improvement resets patience
-    c.mesh.fsdp = -1  # FSDP over every device; needs >= 16 chips of 95 GB (see docstring)
+    c.mesh.fsdp = -1  # FSDP over every device; needs >= 32 v5p chips (see docstring)
     return c

@@ -8,11 +8,11 @@ config becomes a `LlamaConfig`.
 import ml_collections
 
 from sftjax import paths, sharding
-from sftjax.model import hf_io, llama
+from sftjax.model import attention, hf_io, llama
 
 CHOICES = {
     "model.remat": ("none", "full", "save_dots"),
-    "model.attention": ("xla", "cudnn"),
+    "model.attention": attention.CHOICES,
     "model.param_dtype": ("float32", "bfloat16"),
     "model.dtype": ("float32", "bfloat16"),
     "data.template": ("alpaca", "chat", "tokenizer"),

@@ -83,7 +83,7 @@ COMMON_RECIPE = {
     "model.param_dtype": "float32",
     "model.dtype": "bfloat16",
     "model.scan_layers": True,
-    "model.attention": "xla",
+    "model.attention": "auto",
     "mesh.fsdp": -1,
     "eval.every_steps": 200,
     "eval.patience": 3,

@@ -1,12 +1,16 @@
 """The train step on real computation: sharded == single device, accumulation == big batch."""
 
 import jax
+import jax.numpy as jnp
 import numpy as np
+import optax
 import pytest
+from flax import nnx
 from train_fixtures import packed_batches, random_examples, tiny_trainer
 
 from sftjax import sharding, train
 from sftjax.data import pipeline
+from sftjax.model import llama
 
 STEPS = 5
 
@@ -89,6 +93,36 @@ def test_validation_loss_independent_of_eval_batch_size_and_packing():
                 losses[batch_size, pack] = result["loss"]
     values = list(losses.values())
     np.testing.assert_allclose(values, values[0], rtol=1e-5)
+
+
+def whole_logits_loss_sums(graphdef, params, batch):
+    """The loss as it was before chunking: all [B, L, V] fp32 logits at once."""
+    model = nnx.merge(graphdef, params)
+    logits = model(batch["tokens"], batch["positions"], batch["segment_ids"])
+    ce = optax.softmax_cross_entropy_with_integer_labels(
+        logits.astype(jnp.float32), batch["targets"]
+    )
+    mask = batch["loss_mask"].astype(jnp.float32)
+    return (ce * mask).sum(), mask.sum()
+
+
+@pytest.mark.parametrize("tie_embeddings", [False, True])
+def test_chunked_loss_equals_whole_logits_loss_and_gradients(batches, monkeypatch, tie_embeddings):
+    monkeypatch.setattr(train, "LOSS_CHUNK_TOKENS", 16)  # 64-token rows: 4 chunks
+    assert train.loss_chunks(64) == 4 and train.loss_chunks(2048) == 128
+    assert train.loss_chunks(48) == 3 and train.loss_chunks(17) == 17  # a prime: chunks of 1
+    cfg = llama.preset("tiny", dtype="float32", vocab_size=64, tie_embeddings=tie_embeddings)
+    graphdef, params = nnx.split(llama.create(cfg, single_device_mesh()))
+    params = nnx.to_pure_dict(params)
+    batch = {k: jnp.asarray(v) for k, v in batches[0].items()}
+    chunked = jax.value_and_grad(train.loss_sums, argnums=1, has_aux=True)
+    whole = jax.value_and_grad(whole_logits_loss_sums, argnums=1, has_aux=True)
+    (loss, tokens), grads = jax.jit(chunked, static_argnums=0)(graphdef, params, batch)
+    (want_loss, want_tokens), want_grads = jax.jit(whole, static_argnums=0)(graphdef, params, batch)
+    assert float(tokens) == float(want_tokens) > 0
+    np.testing.assert_allclose(float(loss), float(want_loss), rtol=1e-6)
+    for got, want in zip(jax.tree.leaves(grads), jax.tree.leaves(want_grads), strict=True):
+        np.testing.assert_allclose(np.asarray(got), np.asarray(want), rtol=1e-5, atol=1e-6)
 
 
 def test_early_stopping_patience_and_min_delta():

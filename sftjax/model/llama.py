@@ -44,7 +44,7 @@ class LlamaConfig:
     dtype: str = "bfloat16"  # matmul / activation compute
     scan_layers: bool = False
     remat: Remat = "none"
-    attention: str = "xla"
+    attention: str = "xla"  # model/attention.py CHOICES; "auto" picks by platform at trace time
     init_std: float = 0.02
 
     def __post_init__(self):
@@ -281,6 +281,26 @@ class Llama(nnx.Module):
 
     def __call__(self, tokens_BL, positions_BL, segment_ids_BL, cache: Cache | None = None):
         """logits [B, L, V]; with a cache, (logits, the cache with this chunk appended)."""
+        x_BLD, cache = self.hidden_states(tokens_BL, positions_BL, segment_ids_BL, cache)
+        logits_BLV = self.logits(x_BLD)
+        return logits_BLV if cache is None else (logits_BLV, cache)
+
+    def logits(self, x_BLD: jax.Array) -> jax.Array:
+        """Final hidden states [B, L, D] -> logits [B, L, V] (compute dtype, vocab over tensor).
+
+        Separate from the layers so the loss can apply it a sequence chunk at a time.
+        """
+        dt = x_BLD.dtype
+        if self.cfg.tie_embeddings:
+            logits_BLV = jnp.einsum("bld,vd->blv", x_BLD, self.embedding[...].astype(dt))
+        else:
+            logits_BLV = jnp.einsum("bld,dv->blv", x_BLD, self.lm_head[...].astype(dt))
+        return sharding.constrain(logits_BLV, ("batch", "seq", "vocab"))
+
+    def hidden_states(
+        self, tokens_BL, positions_BL, segment_ids_BL, cache: Cache | None = None
+    ) -> tuple[jax.Array, Cache | None]:
+        """(final-normed hidden states [B, L, D], the cache with this chunk appended or None)."""
         dt = jnp.dtype(self.cfg.dtype)
         # Gather from a table all-gathered over fsdp (as FSDP does for every weight at use):
         # gathering from the embed-sharded table would leave activations sharded the wrong
@@ -321,15 +341,10 @@ class Llama(nnx.Module):
             kv = None if kv is None else tuple(jnp.stack(t) for t in zip(*new_kv, strict=True))
 
         x_BLD = self.final_norm(x_BLD)
-        if self.cfg.tie_embeddings:
-            logits_BLV = jnp.einsum("bld,vd->blv", x_BLD, self.embedding[...].astype(dt))
-        else:
-            logits_BLV = jnp.einsum("bld,dv->blv", x_BLD, self.lm_head[...].astype(dt))
-        logits_BLV = sharding.constrain(logits_BLV, ("batch", "seq", "vocab"))
         if cache is None:
-            return logits_BLV
+            return x_BLD, None
         end = cache.end + tokens_BL.shape[1]
-        return logits_BLV, Cache(k=kv[0], v=kv[1], segment_ids=kv_segment_ids_BS, end=end)
+        return x_BLD, Cache(k=kv[0], v=kv[1], segment_ids=kv_segment_ids_BS, end=end)
 
 
 def _stacked_blocks(cfg: LlamaConfig, rngs: nnx.Rngs) -> Block:
