@@ -240,10 +240,10 @@ def _read_rows(path: pathlib.Path, raw: bool) -> list[dict]:
         try:
             row = json.loads(line)
         except json.JSONDecodeError as error:
-            raise ValueError(f"{path}:{number}: not JSON ({error})") from None
+            raise records.DataError(f"{path}:{number}: not JSON ({error})") from None
         keys = {"prompt": str} if raw else {"instruction": str, "messages": list}
         if not isinstance(row, dict) or not any(isinstance(row.get(k), t) for k, t in keys.items()):
-            raise ValueError(f"{path}:{number}: expected an object with {' or '.join(keys)}")
+            raise records.DataError(f"{path}:{number}: expected an object with {' or '.join(keys)}")
         rows.append(row)
     return rows
 
@@ -363,6 +363,8 @@ def main(argv: Sequence[str]) -> None:
 
 
 if __name__ == "__main__":
+    from sftjax import cli  # user errors: one line, exit 2 (--verbose: the traceback)
+
     define_flags()
     flags.mark_flag_as_required("checkpoint")
-    app.run(main)
+    cli.run(main)

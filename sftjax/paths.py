@@ -8,6 +8,7 @@ tokenizers), and writing whole files where a bucket cannot append. Nothing else 
 relative path `gs:/b/x`; this module is the one place that prevents it.
 """
 
+import functools
 import glob as local_glob
 import os
 import shutil
@@ -66,6 +67,12 @@ def local_copy(path: str | os.PathLike) -> str:
     source = resolve(path)
     if not is_remote(path):
         return os.fspath(source)
+    return _download(os.fspath(source))
+
+
+@functools.cache  # one copy per process: the tokenizer is loaded several times per run
+def _download(url: str) -> str:
+    source = epath.Path(url)
     target = tempfile.mkdtemp(prefix="sftjax-")
     for item in source.iterdir():
         if item.is_file():

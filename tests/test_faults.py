@@ -322,3 +322,8 @@ def test_a_learning_rate_that_collapses_the_model_stops_the_run(corpus, tmp_path
     assert "training collapsed at steps" in run.stderr and "lower optim.lr" in run.stderr
     trained = [r["step"] for r in metrics.read_records(tmp_path / "metrics.jsonl")]
     assert max(trained) < 30  # caught within a few logged steps, not at the end
+
+
+def test_generate_with_a_missing_checkpoint_is_one_line(tmp_path):
+    done = _run("sftjax.generate", f"--checkpoint={tmp_path / 'missing'}", "--prompt=hi")
+    _assert_user_error(done, "missing: no such directory")
