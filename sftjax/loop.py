@@ -223,7 +223,8 @@ def _start(run: _Run, ckpt: checkpoint.Checkpointer):
         params = nnx.to_pure_dict(nnx.state(model))
         return train.init_state(params, run.tx, shardings, config.train.seed), early, 0
     step, state, record = found
-    run.data_iter.set_state(record["data_iter"])
+    # One batch per step, so the index is the step where a record predates the field.
+    run.data_iter.set_state(record.get("data_iter", {"next_index": step}))
     # The rule's parameters follow the config (eval.* may change on resume); its state resumes.
     saved = {**record["early_stopping"], "patience": early.patience, "min_delta": early.min_delta}
     early = train.EarlyStopping(**saved)
@@ -400,10 +401,15 @@ def _finish(run: _Run, ckpt, writer, stop_reason: str, step: int, early) -> FitR
 
 @contextlib.contextmanager
 def _signals_deferred():
-    """SIGTERM / Ctrl-C wait until the block ends (the run then ends normally, exit 0)."""
+    """SIGTERM / Ctrl-C wait until the block ends (the run then ends normally, exit 0).
+
+    Multi-host, SIGTERM belongs to JAX's preemption listener (a Python handler would replace
+    it for good), which never stops a process by itself: only Ctrl-C is deferred here.
+    """
     received = []
     handler = lambda signum, frame: received.append(signum)  # noqa: E731
-    previous = {s: signal.signal(s, handler) for s in (signal.SIGTERM, signal.SIGINT)}
+    deferred = (signal.SIGINT,) if jax.process_count() > 1 else (signal.SIGTERM, signal.SIGINT)
+    previous = {s: signal.signal(s, handler) for s in deferred}
     try:
         yield
     finally:
