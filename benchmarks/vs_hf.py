@@ -1,6 +1,6 @@
 """sftjax's train step vs Hugging Face `LlamaForCausalLM` + torch.compile, in one run.
 
-Both sides train the same model (sftjax's init, exported with hf_io and loaded by transformers),
+Both sides train the same model (sftjax's init, exported with hf_export and loaded by transformers),
 on the same packed token stream, with the same loss: token-weighted masked cross-entropy, and
 examples packed into a row kept apart (HF gets a [B, 1, L, L] causal same-segment mask and
 positions restarting per example; sftjax its segment ids). Both take AdamW (b2 0.95) steps
@@ -40,7 +40,7 @@ sys.path.insert(0, str(pathlib.Path(__file__).resolve().parent))
 import train_throughput  # noqa: E402
 
 from sftjax import metrics, sharding  # noqa: E402
-from sftjax.model import hf_io, llama  # noqa: E402
+from sftjax.model import hf_export, llama  # noqa: E402
 
 log = train_throughput.log
 
@@ -172,7 +172,7 @@ def main() -> None:
 
     with tempfile.TemporaryDirectory() as tmp:
         # The same init both sides start from: sftjax's, written as an HF checkpoint.
-        hf_io.save_pretrained(llama.create(cfg, mesh, seed=args.seed), pathlib.Path(tmp) / "hf")
+        hf_export.save_pretrained(llama.create(cfg, mesh, seed=args.seed), pathlib.Path(tmp) / "hf")
         log("sftjax: compiling and timing ...")
         ours = train_throughput.measure(args, cfg, mesh, host_batches)
         jax.clear_caches()

@@ -229,11 +229,14 @@ def quiet_background_failures() -> None:
 
     class _NoTraceback(logging.Filter):
         def filter(self, record: logging.LogRecord) -> bool:
-            if "orbax" in record.pathname:
+            if "orbax" in record.pathname or record.name == "asyncio":
                 record.exc_info, record.exc_text = None, None
             return True
 
     logging.getLogger("absl").addFilter(_NoTraceback())
+    # The futures of the failed writes then report "exception was never retrieved" through
+    # asyncio's logger, each with the same traceback again.
+    logging.getLogger("asyncio").addFilter(_NoTraceback())
 
     def closed_loop(value) -> bool:
         return isinstance(value, RuntimeError) and str(value) == "Event loop is closed"

@@ -8,6 +8,7 @@ point gcsfs (etils.epath) and tensorstore (Orbax) at it and keep every client of
 """
 
 import os
+import pathlib
 import shutil
 import signal
 import socket
@@ -34,7 +35,8 @@ def emulator():
         s.bind(("127.0.0.1", 0))
         port = s.getsockname()[1]
     server = subprocess.Popen(
-        [sys.executable, "-m", "gcp_storage_emulator", "start", "--host=127.0.0.1"]
+        [sys.executable, str(pathlib.Path(__file__).with_name("gcs_emulator.py")), "start"]
+        + ["--host=127.0.0.1"]
         + [f"--port={port}", "--in-memory", f"--default-bucket={BUCKET}", "--quiet"],
         stdout=subprocess.DEVNULL,
         stderr=subprocess.DEVNULL,
