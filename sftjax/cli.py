@@ -6,14 +6,17 @@ anyway, and the log levels. Does not own: the commands themselves or their other
 """
 
 import difflib
+import glob
 import importlib.util
 import logging
+import os
 import re
 import sys
 import traceback
 from collections.abc import Callable, Sequence
 from typing import Any
 
+import jax
 from absl import app, flags
 
 from sftjax import config as config_lib
@@ -51,6 +54,22 @@ def setup_logging() -> None:
     if not VERBOSE.value:
         logging.getLogger("absl").setLevel(logging.WARNING)
         logging.getLogger("jax").setLevel(logging.WARNING)
+    _skip_absent_tpu()
+
+
+def _skip_absent_tpu() -> None:
+    """On a CPU-only host with libtpu installed (the planner's TPU compiler), use the CPU.
+
+    Otherwise JAX initialises libtpu at the first device query, which prints several lines
+    about a TPU it cannot find, from C++, past any logging setting. Only where the CPU is the
+    one other backend and no TPU device file exists; JAX_PLATFORMS, when set, always wins.
+    """
+    if os.environ.get("JAX_PLATFORMS") or glob.glob("/dev/accel*") or os.path.exists("/dev/vfio"):
+        return
+    from jax._src import xla_bridge  # the registered backends; no public list exists
+
+    if set(xla_bridge._backend_factories) == {"cpu", "tpu"}:
+        jax.config.update("jax_platforms", "cpu")
 
 
 def _user_error(message: str) -> None:
