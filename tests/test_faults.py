@@ -178,7 +178,10 @@ def test_no_rows_left_after_filtering_in_fit_and_in_the_report(corpus, tmp_path)
     error = _assert_user_error(done, "no training examples left from", "longer than data.seq_len=8")
     assert error.count("\n") == 1
     done = _run(
-        "sftjax.data.report", f"--config={ROOT / 'configs/base.py'}", *_flags(corpus, **short)
+        "sftjax.data.report",
+        f"--config={ROOT / 'configs/base.py'}",
+        f"--histogram={tmp_path / 'lengths.png'}",
+        *_flags(corpus, **short),
     )
     assert _assert_user_error(done, "no training examples left from") == error
 
@@ -190,7 +193,8 @@ def test_broken_json_array_element_loses_no_rows_in_the_report(corpus, tmp_path)
     data = tmp_path / "rows.json"
     data.write_text("[\n" + ",\n".join(elements) + "\n]\n")
     flags = _flags(corpus, **{"data.train_files": data, "data.bad_rows": "skip"})
-    done = _run("sftjax.data.report", f"--config={ROOT / 'configs/base.py'}", *flags)
+    histogram = f"--histogram={tmp_path / 'lengths.png'}"
+    done = _run("sftjax.data.report", f"--config={ROOT / 'configs/base.py'}", histogram, *flags)
     assert done.returncode == 0, done.stderr[-3000:]
     assert "rows read: 40; kept: 39; bad: 1" in done.stdout
     assert f"{data}:23: row: invalid JSON" in done.stdout
