@@ -312,7 +312,9 @@ def load_best(workdir, *, dtype: str | None = None) -> tuple[llama.Llama, str]:
     cfg = config_lib.model_config(config.model)
     mesh = sharding.make_mesh(config.mesh.data, config.mesh.fsdp, config.mesh.tensor)
     tx, _ = train.make_optimizer(config.optim, 1)
-    graphdef, abstract_state = train.abstract_train_state(cfg, mesh, sharding_rules(config), tx)
+    graphdef, abstract_state = train.abstract_train_state(
+        cfg, mesh, config_lib.sharding_rules(config), tx
+    )
     found = ckpt.restore_newest(abstract_state, steps=[step])
     ckpt.close()
     if found is None:
@@ -321,8 +323,3 @@ def load_best(workdir, *, dtype: str | None = None) -> tuple[llama.Llama, str]:
         )
     state = found[1]
     return nnx.merge(graphdef, state.params), os.fspath(config.data.tokenizer)
-
-
-def sharding_rules(config) -> sharding.Rules:
-    """The config's logical-axis rules, or the defaults."""
-    return tuple(tuple(r) for r in config.mesh.rules) or sharding.DEFAULT_RULES

@@ -8,6 +8,7 @@ config becomes a `LlamaConfig`.
 import ml_collections
 
 from sftjax import paths, sharding
+from sftjax.data import records
 from sftjax.model import attention, hf_io, llama
 
 CHOICES = {
@@ -48,21 +49,15 @@ def model_config(model: ml_collections.ConfigDict) -> llama.LlamaConfig:
 
 
 def _data_file_errors(key: str, spec: str) -> list[str]:
-    """Problems with a data.*_files spec: nothing matching, or a directory instead of files."""
+    """Problems with a data.*_files spec, found by the reader's own expansion, one per entry."""
     if key == "data.train_files" and not spec.strip():
         return [f"config.{key} is empty; give JSON/JSONL paths"]
     errors = []
     for entry in (p.strip() for p in spec.split(",") if p.strip()):
-        matches = [m for m in paths.expand([entry]) if paths.resolve(m).exists()]
-        if not matches:
-            errors.append(
-                f"config.{key}: no file matches {entry!r}; give existing JSON/JSONL paths"
-            )
-        elif paths.resolve(matches[0]).is_dir() and matches == [entry]:
-            errors.append(
-                f"config.{key}: {entry!r} is a directory; name its data files, e.g. "
-                f"{entry.rstrip('/') + '/*.jsonl'!r}"
-            )
+        try:
+            records.expand_paths([entry])
+        except records.DataError as e:  # nothing matches, or a directory instead of files
+            errors.append(f"config.{key}: {e}")
     return errors
 
 
@@ -157,3 +152,8 @@ def validate(config: ml_collections.ConfigDict, num_devices: int, num_processes:
             )
     if errors:
         raise ConfigError("invalid config:\n  " + "\n  ".join(errors))
+
+
+def sharding_rules(config: ml_collections.ConfigDict) -> sharding.Rules:
+    """The config's logical-axis rules (`mesh.rules`), or sharding.DEFAULT_RULES."""
+    return tuple(tuple(r) for r in config.mesh.rules) or sharding.DEFAULT_RULES

@@ -135,7 +135,7 @@ def _prepare(config: ml_collections.ConfigDict, workdir: paths.Path) -> _Run:
     """Validate, read and encode the data, build the jitted steps: fails before any compile."""
     config_lib.validate(config, jax.device_count(), jax.process_count())
     mesh = sharding.make_mesh(config.mesh.data, config.mesh.fsdp, config.mesh.tensor)
-    rules = checkpoint.sharding_rules(config)
+    rules = config_lib.sharding_rules(config)
     cfg = config_lib.model_config(config.model)
 
     tok = tokenize.load_tokenizer(config.data.tokenizer)
@@ -257,6 +257,14 @@ def _train(run: _Run, ckpt, writer, state, early, start_step: int):
             "config": config.to_dict(),
         }
 
+    def diverged(what: str) -> TrainingDiverged:
+        """The error that stops a diverged run, once the saves under way are on disk."""
+        ckpt.wait()
+        return TrainingDiverged(
+            f"{what}; stopping. Checkpoints on disk (latest {ckpt.latest_step()}) are from "
+            "before; lower optim.lr or check the data"
+        )
+
     history = collections.deque(maxlen=train.COLLAPSE_WINDOW)  # (step, loss, grad norm)
     warmup_steps = round(config.optim.warmup_ratio * total_steps)
     lowest_loss = math.inf  # a collapse is a return to ln(V) after learning something
@@ -267,11 +275,8 @@ def _train(run: _Run, ckpt, writer, state, early, start_step: int):
         values = {k: float(v) for k, v in jax.device_get(values).items()}  # waits for the step
         seconds = time.perf_counter() - window_start
         if not (math.isfinite(values["loss"]) and math.isfinite(values["grad_norm"])):
-            ckpt.wait()
-            raise TrainingDiverged(
-                f"loss {values['loss']}, gradient norm {values['grad_norm']} at step {step}; "
-                f"stopping. Checkpoints on disk (latest {ckpt.latest_step()}) are from before; "
-                "lower optim.lr or check the data"
+            raise diverged(
+                f"loss {values['loss']}, gradient norm {values['grad_norm']} at step {step}"
             )
         history.append((step, values["loss"], values["grad_norm"]))
         lowest_loss = min(lowest_loss, values["loss"])
@@ -334,10 +339,7 @@ def _train(run: _Run, ckpt, writer, state, early, start_step: int):
                     try:
                         ckpt.save(step, state, record(), val_loss)
                     except checkpoint.NonFiniteState as e:
-                        raise TrainingDiverged(
-                            f"{e}. Checkpoints on disk (latest {ckpt.latest_step()}) are from "
-                            "before; lower optim.lr or check the data"
-                        ) from e
+                        raise diverged(str(e)) from e
                     writer.sync()
                     window_start, window_steps = time.perf_counter(), 0
                 if preempted:

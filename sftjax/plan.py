@@ -30,8 +30,8 @@ import ml_collections
 from absl import app, flags
 from ml_collections import config_flags
 
-from sftjax import checkpoint, sharding, train
 from sftjax import config as config_lib
+from sftjax import sharding, train
 
 GIB = 2**30
 # HBM per chip as libtpu reports it (GiB); v5p-N, v5e-N and v6e-N name their sizes in
@@ -181,7 +181,7 @@ def compile_plan(config: ml_collections.ConfigDict, target: Target, change: str)
     mesh = sharding.make_mesh(
         config.mesh.data, config.mesh.fsdp, config.mesh.tensor, devices=devices_for(target)
     )
-    rules = checkpoint.sharding_rules(config)
+    rules = config_lib.sharding_rules(config)
     tx, schedule = train.make_optimizer(config.optim, 1000)  # steps shape only the schedule
     graphdef, state = train.abstract_train_state(cfg, mesh, rules, tx)  # what fit() builds
     batch_sharding = sharding.batch_sharding(mesh, rules)

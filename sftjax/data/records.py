@@ -134,10 +134,10 @@ def expand_paths(spec: str | Sequence[str]) -> list[str]:
     for entry in (os.fspath(e) for e in entries if e):
         if paths.resolve(entry).is_dir():  # explicit beats guessing which files inside are data
             pattern = f"{entry.rstrip('/')}/*.jsonl"
-            raise DataError(f"{entry} is a directory; name its data files, e.g. {pattern!r}")
+            raise DataError(f"{entry!r} is a directory; name its data files, e.g. {pattern!r}")
         matches = [m for m in paths.expand([entry]) if paths.resolve(m).is_file()]
         if not matches:
-            raise DataError(f"no data file matches {entry!r}")
+            raise DataError(f"no file matches {entry!r}; give existing JSON/JSONL paths")
         files += matches
     if not files:
         raise DataError(f"no data files given ({spec!r})")
