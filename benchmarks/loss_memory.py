@@ -56,7 +56,7 @@ def main() -> None:
         train.LOSS_CHUNK_TOKENS = chunk
         step, _ = train.jit_steps(graphdef, tx, schedule, 1, shardings, rows)
         with jax.set_mesh(mesh):
-            memory = step.lower(state, batch).compile().memory_analysis()
+            memory = step.lower(state, batch, {}).compile().memory_analysis()
         gib = memory.temp_size_in_bytes / 2**30
         whole = whole or gib
         shape = f"{ROWS}x{LENGTH}, vocab {cfg.vocab_size}"

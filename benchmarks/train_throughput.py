@@ -143,7 +143,7 @@ def measure(args, cfg: llama.LlamaConfig, mesh, host_batches: list[dict]) -> dic
 
     step_fn, _ = train.jit_steps(graphdef, tx, schedule, 1, shardings, batch_sharding)
     t0 = time.perf_counter()
-    compiled = step_fn.lower(state, batches[0]).compile()
+    compiled = step_fn.lower(state, batches[0], {}).compile()
     compile_s = time.perf_counter() - t0
     mem = {}
     try:
@@ -158,14 +158,14 @@ def measure(args, cfg: llama.LlamaConfig, mesh, host_batches: list[dict]) -> dic
 
     losses = []
     for i in range(args.warmup_steps):
-        state, step_metrics = compiled(state, batches[i % len(batches)])
+        state, step_metrics = compiled(state, batches[i % len(batches)], {})
         losses.append(step_metrics["loss"])
     jax.block_until_ready(state)
     times = []
     for i in range(args.steps):
         batch = batches[(args.warmup_steps + i) % len(batches)]
         t0 = time.perf_counter()
-        state, step_metrics = compiled(state, batch)
+        state, step_metrics = compiled(state, batch, {})
         jax.block_until_ready((state, step_metrics))
         times.append(time.perf_counter() - t0)
         losses.append(step_metrics["loss"])

@@ -18,6 +18,12 @@ def get_config() -> ml_collections.ConfigDict:
     c.model.scan_layers = True  # stack layers and lax.scan them: fast compiles at 70B
     c.model.remat = "save_dots"  # activation checkpointing: none, full, save_dots
     c.model.attention = "auto"  # auto: splash on TPU, cudnn on NVIDIA GPUs, else xla (reference)
+    c.model.base_dtype = "bfloat16"  # LoRA only: dtype of the frozen base weights
+    c.model.lora = ml_collections.ConfigDict()
+    c.model.lora.rank = 0  # LoRA rank; 0 = full fine-tuning. >0 trains only the adapters
+    c.model.lora.alpha = 16.0  # the update is scaled by alpha / rank (PEFT's lora_alpha)
+    c.model.lora.targets = "q,k,v,o,gate,up,down"  # projections with adapters, or "all"
+    c.model.lora.dropout = 0.0  # dropout on the adapters' input while training
 
     c.optim = ml_collections.ConfigDict()
     c.optim.lr = 2e-5  # peak learning rate after warmup

@@ -29,8 +29,8 @@ from jax.experimental import multihost_utils
 from jax.sharding import NamedSharding, PartitionSpec
 from orbax.checkpoint import checkpoint_managers
 
+from sftjax import base_model, paths, sharding, train
 from sftjax import config as config_lib
-from sftjax import paths, sharding, train
 from sftjax.model import llama
 
 log = logging.getLogger("sftjax")
@@ -312,14 +312,16 @@ def load_best(workdir, *, dtype: str | None = None) -> tuple[llama.Llama, str]:
     cfg = config_lib.model_config(config.model)
     mesh = sharding.make_mesh(config.mesh.data, config.mesh.fsdp, config.mesh.tensor)
     tx, _ = train.make_optimizer(config.optim, 1)
-    graphdef, abstract_state = train.abstract_train_state(
-        cfg, mesh, config_lib.sharding_rules(config), tx
-    )
+    rules = config_lib.sharding_rules(config)
+    graphdef, abstract_state, _ = train.abstract_train_state(cfg, mesh, rules, tx)
     found = ckpt.restore_newest(abstract_state, steps=[step])
     ckpt.close()
     if found is None:
         raise FileNotFoundError(
             f"{workdir}/checkpoints: the best checkpoint (step {step}) is damaged"
         )
-    state = found[1]
-    return nnx.merge(graphdef, state.params), os.fspath(config.data.tokenizer)
+    _, state, record = found
+    if cfg.lora_rank:  # the checkpoint holds the adapters; the base is read where it was
+        base_model.check_identity(record.get("base_model"), base_model.identity(config), step)
+    frozen = base_model.frozen_params(config, cfg, mesh, rules)
+    return nnx.merge(graphdef, state.params, frozen), os.fspath(config.data.tokenizer)

@@ -16,6 +16,7 @@ CHOICES = {
     "model.attention": attention.CHOICES,
     "model.param_dtype": ("float32", "bfloat16"),
     "model.dtype": ("float32", "bfloat16"),
+    "model.base_dtype": ("float32", "bfloat16"),
     "data.template": ("alpaca", "chat", "tokenizer"),
     "data.format": ("auto", "alpaca", "prompt_completion", "sharegpt", "messages"),
     "data.train_on": ("all_assistant_turns", "last_assistant_turn"),
@@ -35,13 +36,22 @@ class ConfigError(ValueError):
 
 def model_config(model: ml_collections.ConfigDict) -> llama.LlamaConfig:
     """LlamaConfig from the HF directory's config.json, or from the named preset."""
+    lora = model.get("lora") or {"rank": 0}  # records of runs from before LoRA lack it
     numerics = dict(
         param_dtype=model.param_dtype,
         dtype=model.dtype,
         scan_layers=model.scan_layers,
         remat=model.remat,
         attention=model.attention,
+        lora_rank=lora["rank"],
     )
+    if lora["rank"]:
+        numerics.update(
+            lora_alpha=lora["alpha"],
+            lora_targets=lora["targets"],
+            lora_dropout=lora["dropout"],
+            base_dtype=model.base_dtype,
+        )
     if model.hf_path:
         return hf_io.read_config(model.hf_path, **numerics)
     vocab = {"vocab_size": model.vocab_size} if model.vocab_size else {}

@@ -23,10 +23,10 @@ import tqdm
 from flax import nnx
 from jax.experimental import multihost_utils
 
-from sftjax import checkpoint, generate, metrics, paths, resume_check, sharding, train
+from sftjax import base_model, checkpoint, generate, metrics, paths, resume_check, sharding, train
 from sftjax import config as config_lib
 from sftjax.data import chat_templates, pipeline, tokenize
-from sftjax.model import hf_export, hf_io, llama
+from sftjax.model import hf_export, llama
 
 log = logging.getLogger("sftjax")
 
@@ -101,6 +101,8 @@ class _Run:
     total_steps: int
     graphdef: nnx.GraphDef
     abstract_state: train.TrainState
+    abstract_frozen: dict  # the frozen LoRA base (shapes and shardings); {} for full FT
+    base_identity: dict | None  # the LoRA base's files (sizes, sampled hashes); in every record
     tx: object  # optax.GradientTransformation
     step_fn: object
     eval_fn: object
@@ -117,16 +119,16 @@ def fit(config: ml_collections.ConfigDict, workdir) -> FitResult:
         max_to_keep=config.checkpoint.max_to_keep,
         async_save=config.checkpoint.async_save,
     )
-    state, early, start_step = _start(run, ckpt)
+    state, frozen, early, start_step = _start(run, ckpt)
     writer = metrics.MetricsWriter(run.workdir, resume_step=start_step)
     try:
-        stop_reason, step, state = _train(run, ckpt, writer, state, early, start_step)
+        stop_reason, step, state = _train(run, ckpt, writer, state, frozen, early, start_step)
         if stop_reason == "preempted":
             log.info("saved step %d; rerun the same command to resume", step)
             ckpt.close()
             return FitResult(stop_reason, step, early.best_step, early.best_loss, None, None)
         del state  # free the live state before the best one is read back
-        return _finish(run, ckpt, writer, stop_reason, step, early)
+        return _finish(run, ckpt, writer, stop_reason, step, early, frozen)
     finally:
         writer.close()
 
@@ -174,12 +176,21 @@ def _prepare(config: ml_collections.ConfigDict, workdir: paths.Path) -> _Run:
     )
 
     tx, schedule = train.make_optimizer(config.optim, total_steps)
-    graphdef, abstract_state = train.abstract_train_state(cfg, mesh, rules, tx)
+    graphdef, abstract_state, abstract_frozen = train.abstract_train_state(cfg, mesh, rules, tx)
     state_shardings = jax.tree.map(lambda a: a.sharding, abstract_state)
     batch_sharding = sharding.batch_sharding(mesh, rules)
     step_fn, eval_fn = train.jit_steps(
-        graphdef, tx, schedule, config.train.microbatches, state_shardings, batch_sharding
+        graphdef,
+        tx,
+        schedule,
+        config.train.microbatches,
+        state_shardings,
+        batch_sharding,
+        jax.tree.map(lambda a: a.sharding, abstract_frozen),
+        dropout=cfg.lora_dropout > 0,
     )
+    if cfg.lora_rank:
+        _log_lora(cfg, abstract_state, abstract_frozen)
     return _Run(
         config=config,
         workdir=workdir,
@@ -193,6 +204,8 @@ def _prepare(config: ml_collections.ConfigDict, workdir: paths.Path) -> _Run:
         total_steps=total_steps,
         graphdef=graphdef,
         abstract_state=abstract_state,
+        abstract_frozen=abstract_frozen,
+        base_identity=base_model.identity(config),
         tx=tx,
         step_fn=step_fn,
         eval_fn=eval_fn,
@@ -201,43 +214,52 @@ def _prepare(config: ml_collections.ConfigDict, workdir: paths.Path) -> _Run:
 
 
 def _start(run: _Run, ckpt: checkpoint.Checkpointer):
-    """(state, early stopping, first step): the newest good checkpoint, else a fresh model."""
+    """(state, frozen base, early stopping, first step): the newest good checkpoint, else a
+    fresh model. Under LoRA the base is read again from model.hf_path, checked to be the one
+    the checkpoint's adapters were trained on."""
     config = run.config
     early = train.EarlyStopping(config.eval.patience, config.eval.min_delta)
 
     def check_config(step: int, record: dict) -> None:
-        """Refuse a resume whose config changes the run's math or data order (exit 2)."""
+        """Refuse a resume whose config or base model changes the run (exit 2)."""
         log.info(
             resume_check.describe(resume_check.check(record["config"], config.to_dict(), step))
         )
+        base_model.check_identity(record.get("base_model"), run.base_identity, step)
 
     found = ckpt.restore_newest(run.abstract_state, check=check_config)
     if found is None:
-        if config.model.hf_path:
-            model = hf_io.load_pretrained(
-                config.model.hf_path, mesh=run.mesh, rules=run.rules, **_numerics(run.cfg)
-            )
-        else:
-            model = llama.create(run.cfg, run.mesh, seed=config.train.seed, rules=run.rules)
+        params, frozen = base_model.initial_params(config, run.cfg, run.mesh, run.rules)
         shardings = jax.tree.map(lambda a: a.sharding, run.abstract_state)
-        params = nnx.to_pure_dict(nnx.state(model))
-        return train.init_state(params, run.tx, shardings, config.train.seed), early, 0
+        state = train.init_state(params, run.tx, shardings, config.train.seed)
+        return state, frozen, early, 0
     step, state, record = found
+    frozen = base_model.frozen_params(config, run.cfg, run.mesh, run.rules)
     # One batch per step, so the index is the step where a record predates the field.
     run.data_iter.set_state(record.get("data_iter", {"next_index": step}))
     # The rule's parameters follow the config (eval.* may change on resume); its state resumes.
     saved = {**record["early_stopping"], "patience": early.patience, "min_delta": early.min_delta}
     early = train.EarlyStopping(**saved)
     log.info("resumed from step %d (%s)", step, ckpt.directory)
-    return state, early, step
+    return state, frozen, early, step
 
 
-def _numerics(cfg: llama.LlamaConfig) -> dict:
-    keys = ("param_dtype", "dtype", "scan_layers", "remat", "attention")
-    return {k: getattr(cfg, k) for k in keys}
+def _log_lora(cfg: llama.LlamaConfig, abstract_state, abstract_frozen) -> None:
+    trained = sum(x.size for x in jax.tree.leaves(abstract_state.params))
+    frozen = sum(x.size for x in jax.tree.leaves(abstract_frozen))
+    log.info(
+        "LoRA rank %d, alpha %g on %s: %s trainable parameters (%.3f%% of %s; base frozen in %s)",
+        cfg.lora_rank,
+        cfg.lora_alpha,
+        ",".join(cfg.lora_targets),
+        f"{trained:,}",
+        100 * trained / frozen,
+        f"{frozen:,}",
+        cfg.base_dtype,
+    )
 
 
-def _train(run: _Run, ckpt, writer, state, early, start_step: int):
+def _train(run: _Run, ckpt, writer, state, frozen, early, start_step: int):
     """The loop; returns (stop reason, last step, state)."""
     config = run.config
     is_main = jax.process_index() == 0
@@ -255,6 +277,7 @@ def _train(run: _Run, ckpt, writer, state, early, start_step: int):
             "data_iter": run.data_iter.get_state(),
             "early_stopping": dataclasses.asdict(early),
             "config": config.to_dict(),
+            "base_model": run.base_identity,
         }
 
     def diverged(what: str) -> TrainingDiverged:
@@ -292,7 +315,9 @@ def _train(run: _Run, ckpt, writer, state, early, start_step: int):
         progress.set_postfix(loss=f"{values['loss']:.4f}", tok_s=f"{tokens_per_s:,.0f}")
 
     def evaluate(step: int) -> float:
-        result = train.evaluate(run.eval_fn, state.params, run.val_batches, run.batch_sharding)
+        result = train.evaluate(
+            run.eval_fn, state.params, run.val_batches, run.batch_sharding, frozen
+        )
         val_loss = result["loss"]
         if not math.isfinite(val_loss):
             raise TrainingDiverged(f"validation loss is {val_loss} at step {step}")
@@ -305,7 +330,9 @@ def _train(run: _Run, ckpt, writer, state, early, start_step: int):
             f"(best {early.best_loss:.4f} at step {early.best_step})"
         )
         if config.eval.prompts:
-            _answer_eval_prompts(run, state.params, step, writer, progress)
+            _answer_eval_prompts(
+                run, nnx.merge(run.graphdef, state.params, frozen), step, writer, progress
+            )
         return val_loss
 
     stop_reason, step = "completed", start_step
@@ -317,7 +344,7 @@ def _train(run: _Run, ckpt, writer, state, early, start_step: int):
         with jax.set_mesh(run.mesh):
             while step < total_steps:
                 batch = train.global_batch(next(run.data_iter), run.batch_sharding)
-                state, step_metrics = run.step_fn(state, batch)
+                state, step_metrics = run.step_fn(state, batch, frozen)
                 ckpt.check()  # a failed background save stops the run now, not at the next one
                 step += 1
                 window_steps += 1
@@ -355,7 +382,7 @@ def _train(run: _Run, ckpt, writer, state, early, start_step: int):
     return stop_reason, step, state
 
 
-def _finish(run: _Run, ckpt, writer, stop_reason: str, step: int, early) -> FitResult:
+def _finish(run: _Run, ckpt, writer, stop_reason: str, step: int, early, frozen) -> FitResult:
     """Restore the best checkpoint, export it, write the summary and the loss plot."""
     config = run.config
     # The restored checkpoint is the lowest validation loss saved; with min_delta > 0 that can
@@ -375,13 +402,20 @@ def _finish(run: _Run, ckpt, writer, stop_reason: str, step: int, early) -> FitR
         best_step,
     )
     best_state, _ = ckpt.restore(best_step, run.abstract_state)
-    best_model = nnx.merge(run.graphdef, best_state.params)
+    best_model = nnx.merge(run.graphdef, best_state.params, frozen)
     export_dir = None
     if config.checkpoint.export_hf:
         log.info("exporting step %d to %s", best_step, run.workdir / "hf_export")
         with _signals_deferred():  # a SIGTERM now would leave no export; it is nearly done
+            if run.cfg.lora_rank:  # the adapters alone, for PEFT, beside the merged model
+                hf_export.save_adapter(
+                    best_model,
+                    run.workdir / "peft_adapter",
+                    base_model_name_or_path=config.model.hf_path,
+                    overwrite=True,
+                )
             export_dir = hf_export.save_pretrained(
-                best_model,
+                llama.merge_lora(best_model),
                 run.workdir / "hf_export",
                 tokenizer_dir=config.data.tokenizer,
                 # chat_template.jinja, BOS rule and sftjax_format.json of the training format
@@ -421,7 +455,7 @@ def _signals_deferred():
             log.warning("signal %s arrived during the export; the export finished first", received)
 
 
-def _answer_eval_prompts(run: _Run, params, step, writer, progress) -> None:
+def _answer_eval_prompts(run: _Run, model: llama.Llama, step, writer, progress) -> None:
     """Greedy answers to eval.prompts in the training template: behaviour, not only a loss."""
     prompts = run.config.eval.prompts
     if run.config.data.template == "alpaca":
@@ -429,7 +463,7 @@ def _answer_eval_prompts(run: _Run, params, step, writer, progress) -> None:
     else:
         rows = [{"messages": [{"role": "user", "content": p}]} for p in prompts]
     answers = generate.respond(
-        nnx.merge(run.graphdef, params),
+        model,
         run.tok,
         rows,
         template=run.template,

@@ -183,7 +183,7 @@ def compile_plan(config: ml_collections.ConfigDict, target: Target, change: str)
     )
     rules = config_lib.sharding_rules(config)
     tx, schedule = train.make_optimizer(config.optim, 1000)  # steps shape only the schedule
-    graphdef, state = train.abstract_train_state(cfg, mesh, rules, tx)  # what fit() builds
+    graphdef, state, frozen = train.abstract_train_state(cfg, mesh, rules, tx)  # as fit()
     batch_sharding = sharding.batch_sharding(mesh, rules)
     rows = (config.train.batch_size, config.data.seq_len)
     batch = {
@@ -192,12 +192,19 @@ def compile_plan(config: ml_collections.ConfigDict, target: Target, change: str)
     }
     state_shardings = jax.tree.map(lambda a: a.sharding, state)
     step_fn, _ = train.jit_steps(
-        graphdef, tx, schedule, config.train.microbatches, state_shardings, batch_sharding
+        graphdef,
+        tx,
+        schedule,
+        config.train.microbatches,
+        state_shardings,
+        batch_sharding,
+        jax.tree.map(lambda a: a.sharding, frozen),
+        dropout=cfg.lora_dropout > 0,
     )
     params_gib, optimizer_gib = _shard_gib(state.params), _shard_gib(state.opt_state)
     start = time.perf_counter()
     with jax.set_mesh(mesh):
-        lowered = step_fn.lower(state, batch)
+        lowered = step_fn.lower(state, batch, frozen)
         try:
             memory = lowered.compile().memory_analysis()
         except Exception as e:  # libtpu: RESOURCE_EXHAUSTED when temporaries alone exceed HBM
@@ -206,7 +213,7 @@ def compile_plan(config: ml_collections.ConfigDict, target: Target, change: str)
                 raise
             scale = {"K": 2**-20, "M": 2**-10, "G": 1, "T": 2**10}[found.group(2).upper()]
             temporaries = float(found.group(1)) * scale
-            arguments = _shard_gib((state, batch))
+            arguments = _shard_gib((state, batch, frozen))
             seconds = time.perf_counter() - start
             return Plan(target, change, params_gib, optimizer_gib, arguments, temporaries, seconds)
     seconds = time.perf_counter() - start

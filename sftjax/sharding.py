@@ -32,6 +32,7 @@ DEFAULT_RULES: Rules = (
     ("mlp", "tensor"),
     ("norm", None),
     ("layers", None),
+    ("lora_rank", None),  # LoRA's rank axis: small, never split
 )
 
 

@@ -29,10 +29,24 @@ LOSS_CHUNK_TOKENS = 512
 
 @flax.struct.dataclass
 class TrainState:
+    """What trains and is checkpointed. Under LoRA only the adapters: the frozen base weights
+    travel beside it (`frozen`, an argument of every step, never donated nor saved)."""
+
     step: jax.Array
-    params: dict  # nnx.to_pure_dict of the model's Params; the graphdef is closed over
+    params: dict  # nnx.to_pure_dict of the trainable Params; the graphdef is closed over
     opt_state: optax.OptState
-    rng: jax.Array  # advanced every step; reserved for stochastic layers (none in Llama-2)
+    rng: jax.Array  # advanced every step; LoRA dropout's key
+
+
+def trainable(cfg: llama.LlamaConfig):
+    """The nnx filter of what trains: the LoRA adapters, or every parameter."""
+    return nnx.LoRAParam if cfg.lora_rank else nnx.Param
+
+
+def split(model: llama.Llama) -> tuple[nnx.GraphDef, dict, dict]:
+    """(graphdef, trainable params, frozen params) as pure dicts; frozen is {} without LoRA."""
+    graphdef, params, frozen = nnx.split(model, trainable(model.cfg), ...)
+    return graphdef, nnx.to_pure_dict(params), nnx.to_pure_dict(frozen)
 
 
 def lr_schedule(optim, total_steps: int) -> optax.Schedule:
@@ -78,15 +92,21 @@ def loss_chunks(length: int) -> int:
     return next(c for c in range(-(-length // LOSS_CHUNK_TOKENS), length + 1) if length % c == 0)
 
 
-def loss_sums(graphdef: nnx.GraphDef, params: dict, batch: dict) -> tuple[jax.Array, jax.Array]:
+def loss_sums(
+    graphdef: nnx.GraphDef, params: dict, batch: dict, frozen: dict | None = None, rng=None
+) -> tuple[jax.Array, jax.Array]:
     """(Σ CE·mask, Σ mask) in fp32; divide once per global batch, never per row.
+
+    `frozen`: the base weights under LoRA (no gradient flows to them); `rng`: LoRA dropout.
 
     The output projection and cross-entropy run one sequence chunk at a time under a scan, each
     chunk rematerialised in the backward pass, so the [B, L, V] fp32 logits (2 GiB per chip for
     8 rows × 2048 × 32k) never exist whole: only one chunk's, forward or backward.
     """
-    model = nnx.merge(graphdef, params)
-    x_BLD, _ = model.hidden_states(batch["tokens"], batch["positions"], batch["segment_ids"])
+    model = nnx.merge(graphdef, params, {} if frozen is None else frozen)
+    x_BLD, _ = model.hidden_states(
+        batch["tokens"], batch["positions"], batch["segment_ids"], rng=rng
+    )
     rows, length, _ = x_BLD.shape
     chunks = loss_chunks(length)
 
@@ -119,25 +139,42 @@ def _split_microbatches(batch: dict, microbatches: int) -> dict:
     return jax.tree.map(split, batch)
 
 
-def train_step(state: TrainState, batch: dict, *, graphdef, tx, schedule, microbatches: int):
-    """One optimizer step on the global batch -> (new state, metrics)."""
-    grad_fn = jax.value_and_grad(functools.partial(loss_sums, graphdef), has_aux=True)
+def train_step(
+    state: TrainState,
+    batch: dict,
+    frozen: dict,
+    *,
+    graphdef,
+    tx,
+    schedule,
+    microbatches: int,
+    dropout: bool = False,
+):
+    """One optimizer step on the global batch -> (new state, metrics).
+
+    `dropout`: the model has LoRA dropout, keyed by state.rng (and the microbatch index).
+    """
+    grad_fn = jax.value_and_grad(
+        lambda params, micro, rng: loss_sums(graphdef, params, micro, frozen, rng), has_aux=True
+    )
+    rng = state.rng if dropout else None
 
     if microbatches == 1:
-        (loss_sum, tokens), grads = grad_fn(state.params, batch)
+        (loss_sum, tokens), grads = grad_fn(state.params, batch, rng)
     else:
 
-        def accumulate(carry, micro):
+        def accumulate(carry, indexed):
             grads_acc, loss_acc, tokens_acc = carry
-            (loss_sum, tokens), grads = grad_fn(state.params, micro)
+            index, micro = indexed
+            micro_rng = None if rng is None else jax.random.fold_in(rng, index)
+            (loss_sum, tokens), grads = grad_fn(state.params, micro, micro_rng)
             grads_acc = jax.tree.map(jnp.add, grads_acc, grads)
             return (grads_acc, loss_acc + loss_sum, tokens_acc + tokens), None
 
         zeros = jax.tree.map(lambda p: jnp.zeros(p.shape, jnp.float32), state.params)
         init = (zeros, jnp.float32(0), jnp.float32(0))
-        (grads, loss_sum, tokens), _ = jax.lax.scan(
-            accumulate, init, _split_microbatches(batch, microbatches)
-        )
+        micro_batches = (jnp.arange(microbatches), _split_microbatches(batch, microbatches))
+        (grads, loss_sum, tokens), _ = jax.lax.scan(accumulate, init, micro_batches)
     denominator = jnp.maximum(tokens, 1.0)  # a batch of only prompts has no loss tokens
     grads = jax.tree.map(lambda g, p: (g / denominator).astype(p.dtype), grads, state.params)
     updates, opt_state = tx.update(grads, state.opt_state, state.params)
@@ -157,24 +194,41 @@ def train_step(state: TrainState, batch: dict, *, graphdef, tx, schedule, microb
     return new_state, metrics
 
 
-def eval_sums(params: dict, batch: dict, *, graphdef) -> tuple[jax.Array, jax.Array]:
+def eval_sums(params: dict, batch: dict, frozen: dict, *, graphdef) -> tuple[jax.Array, jax.Array]:
     """(Σ CE·mask, Σ mask) of one validation batch; the caller adds them over the whole set."""
-    return loss_sums(graphdef, params, batch)
+    return loss_sums(graphdef, params, batch, frozen)
 
 
-def jit_steps(graphdef, tx, schedule, microbatches: int, state_shardings, batch_sharding):
-    """The jitted train step (explicit shardings, donated state) and eval step."""
+def jit_steps(
+    graphdef,
+    tx,
+    schedule,
+    microbatches: int,
+    state_shardings,
+    batch_sharding,
+    frozen_shardings=None,
+    *,
+    dropout: bool = False,
+):
+    """The jitted train step `(state, batch, frozen)` (explicit shardings, donated state) and
+    eval step `(params, batch, frozen)`; `frozen` is {} without LoRA."""
+    frozen_shardings = {} if frozen_shardings is None else frozen_shardings
     step = jax.jit(
         functools.partial(
-            train_step, graphdef=graphdef, tx=tx, schedule=schedule, microbatches=microbatches
+            train_step,
+            graphdef=graphdef,
+            tx=tx,
+            schedule=schedule,
+            microbatches=microbatches,
+            dropout=dropout,
         ),
-        in_shardings=(state_shardings, batch_sharding),
+        in_shardings=(state_shardings, batch_sharding, frozen_shardings),
         out_shardings=(state_shardings, None),
         donate_argnums=0,
     )
     evaluate_batch = jax.jit(
         functools.partial(eval_sums, graphdef=graphdef),
-        in_shardings=(state_shardings.params, batch_sharding),
+        in_shardings=(state_shardings.params, batch_sharding, frozen_shardings),
     )
     return step, evaluate_batch
 
@@ -197,12 +251,19 @@ def state_shardings_for(param_shardings: dict, abstract_params: dict, tx) -> Tra
 
 
 def abstract_train_state(cfg: llama.LlamaConfig, mesh, rules, tx):
-    """(graphdef, TrainState of ShapeDtypeStructs carrying their concrete shardings): no memory.
+    """(graphdef, TrainState, frozen params), all ShapeDtypeStructs with their concrete
+    shardings: no memory. `frozen` is {} without LoRA.
 
     The restore target of a checkpoint and the input spec of the jitted step; the mesh may
     differ from the one the checkpoint was written on (Orbax reshards on restore).
     """
-    graphdef, abstract_params = nnx.split(llama.abstract(cfg, mesh, rules))
+    graphdef, abstract_params, abstract_frozen = nnx.split(
+        llama.abstract(cfg, mesh, rules), trainable(cfg), ...
+    )
+    frozen = _with_shardings(
+        nnx.to_pure_dict(abstract_frozen),
+        nnx.to_pure_dict(sharding.state_shardings(abstract_frozen, mesh, rules)),
+    )
     param_shardings = nnx.to_pure_dict(sharding.state_shardings(abstract_params, mesh, rules))
     abstract_params = _with_shardings(nnx.to_pure_dict(abstract_params), param_shardings)
     shardings = state_shardings_for(param_shardings, abstract_params, tx)
@@ -211,7 +272,7 @@ def abstract_train_state(cfg: llama.LlamaConfig, mesh, rules, tx):
             jnp.int32(0), abstract_params, tx.init(abstract_params), jax.random.PRNGKey(0)
         )
     )
-    return graphdef, _with_shardings(shapes, shardings)
+    return graphdef, _with_shardings(shapes, shardings), frozen
 
 
 def _with_shardings(shapes, shardings):
@@ -240,9 +301,10 @@ def global_batch(host_batch: dict, batch_sharding: NamedSharding) -> dict:
     }
 
 
-def evaluate(evaluate_batch, params, host_batches, batch_sharding) -> dict:
+def evaluate(evaluate_batch, params, host_batches, batch_sharding, frozen=None) -> dict:
     """Token-weighted loss over the whole validation set (sums in float64 on the host)."""
-    sums = [evaluate_batch(params, global_batch(b, batch_sharding)) for b in host_batches]
+    frozen = {} if frozen is None else frozen
+    sums = [evaluate_batch(params, global_batch(b, batch_sharding), frozen) for b in host_batches]
     loss_sum, tokens = (
         float(np.sum(np.asarray(x, np.float64))) for x in zip(*jax.device_get(sums), strict=True)
     )

@@ -30,7 +30,7 @@ def test_lr_1e4_collapses_a_real_model_and_is_caught_within_a_few_steps():
     history, caught_at = [], None
     with jax.set_mesh(mesh):
         for step, batch in enumerate(batches, start=1):
-            state, metrics = step_fn(state, train.global_batch(batch, batch_sharding))
+            state, metrics = step_fn(state, train.global_batch(batch, batch_sharding), {})
             metrics = jax.device_get(metrics)
             history.append((step, float(metrics["loss"]), float(metrics["grad_norm"])))
             reason = train.collapse_reason(history, VOCAB, warmup_steps=0)

@@ -254,7 +254,7 @@ def one_train_step(devices, process_index: int, process_count: int) -> dict:
     state, step_fn, _, batch_sharding = tiny_trainer(mesh)
     batch = train.global_batch(host_batch, batch_sharding)
     with jax.set_mesh(mesh):
-        state, metrics = step_fn(state, batch)
+        state, metrics = step_fn(state, batch, {})
         param_norm = jax.jit(optax.tree.norm)(state.params)
     return {
         "loss": float(metrics["loss"]),

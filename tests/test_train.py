@@ -25,7 +25,7 @@ def run(mesh, batches, **kwargs):
     losses = []
     with jax.set_mesh(mesh):
         for batch in batches:
-            state, metrics = step_fn(state, train.global_batch(batch, batch_sharding))
+            state, metrics = step_fn(state, train.global_batch(batch, batch_sharding), {})
             losses.append(float(metrics["loss"]))
     return losses, state, step_fn
 
@@ -62,11 +62,11 @@ def test_loss_is_token_weighted_over_the_global_batch(batches):
     state, _, eval_fn, batch_sharding = tiny_trainer(mesh)
     batch = batches[0]
     with jax.set_mesh(mesh):
-        total, tokens = eval_fn(state.params, train.global_batch(batch, batch_sharding))
+        total, tokens = eval_fn(state.params, train.global_batch(batch, batch_sharding), {})
         per_row = []
         for i in range(len(batch["tokens"])):
             row = {k: np.repeat(v[i : i + 1], 8, axis=0) for k, v in batch.items()}
-            row_sum, row_tokens = eval_fn(state.params, train.global_batch(row, batch_sharding))
+            row_sum, row_tokens = eval_fn(state.params, train.global_batch(row, batch_sharding), {})
             per_row.append((float(row_sum) / 8, float(row_tokens) / 8))
     assert float(tokens) == batch["loss_mask"].sum()
     np.testing.assert_allclose(float(total), sum(s for s, _ in per_row), rtol=1e-5)

@@ -116,8 +116,11 @@ def config_with(values: dict):
     """configs/base.py with `{"section.key": value}` overrides applied."""
     config = base_config()
     for dotted, value in values.items():
-        section, key = dotted.split(".")
-        config[section][key] = value
+        *sections, key = dotted.split(".")
+        node = config
+        for section in sections:
+            node = node[section]
+        node[key] = value
     return config
 
 

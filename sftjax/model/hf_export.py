@@ -8,6 +8,7 @@ export is uploaded beside its final name before replacing it. `recover_export` r
 kill midway left behind. The key table and layout transforms live in hf_io.py.
 """
 
+import contextlib
 import json
 import logging
 import math
@@ -25,7 +26,7 @@ from flax import nnx
 from jax.experimental import multihost_utils
 
 from sftjax import paths
-from sftjax.model import hf_io, llama
+from sftjax.model import hf_io, llama, lora
 
 log = logging.getLogger("sftjax")
 
@@ -69,20 +70,51 @@ def save_pretrained(
     export_tokenizer: `chat_template`, `add_bos`); `training_format` is written as JSON.
     """
     cfg: llama.LlamaConfig = model.cfg
+    if cfg.lora_rank:
+        raise ValueError("save_pretrained writes a plain Llama: pass llama.merge_lora(model)")
     dtype = dtype or cfg.param_dtype
+    with _staged(path, overwrite) as staging:
+        _write_model(model, staging, dtype, bos_token_id, eos_token_id, max_shard_bytes)
+        if staging is None:  # not the writing process
+            return paths.resolve(path)
+        if tokenizer_dir is not None:
+            export_tokenizer(tokenizer_dir, staging, chat_template=chat_template, add_bos=add_bos)
+        if training_format is not None:
+            (staging / TRAINING_FORMAT_FILE).write_text(json.dumps(training_format, indent=2))
+    return paths.resolve(path)
+
+
+@contextlib.contextmanager
+def _staged(path, overwrite: bool):
+    """Yield a local directory to fill (None on processes other than 0); at a normal exit it
+    replaces `path` whole (renamed locally, uploaded to object storage), never half-written."""
     final = paths.resolve(path)
     if final.exists() and not overwrite:
         raise FileExistsError(f"{final} exists; pass overwrite=True to replace it")
-    is_writer = jax.process_index() == 0
+    if jax.process_index() != 0:
+        yield None
+        return
     remote = paths.is_remote(final)
     if remote:  # written locally, then uploaded (object storage has no atomic rename)
         staging = pathlib.Path(tempfile.mkdtemp(prefix="sftjax-export-")) / final.name
     else:
         staging = pathlib.Path(final).with_name(f".{final.name}.tmp-{os.getpid()}")
-    if is_writer:
-        shutil.rmtree(staging, ignore_errors=True)
-        staging.mkdir(parents=True)
+    shutil.rmtree(staging, ignore_errors=True)
+    staging.mkdir(parents=True)
+    yield staging
+    if remote:
+        _upload_dir(staging, final)
+        shutil.rmtree(staging.parent)
+    else:
+        _replace_dir(staging, pathlib.Path(final))
 
+
+def _write_model(model, staging, dtype: str, bos_token_id, eos_token_id, max_shard_bytes) -> None:
+    """Safetensors shards (+ index), config.json and generation_config.json into `staging`.
+
+    Every process takes part (multi-host gathers are collective); only process 0 writes.
+    """
+    cfg = model.cfg
     params = nnx.to_pure_dict(nnx.state(model, nnx.Param))
     entries = list(hf_io.expected_keys(cfg))
     itemsize = np.dtype(jnp.dtype(dtype)).itemsize
@@ -103,11 +135,10 @@ def save_pretrained(
             tensors[name] = np.ascontiguousarray(host)
             weight_map[name] = file_name
             total += host.nbytes
-        if is_writer:
+        if staging is not None:
             safetensors.numpy.save_file(tensors, staging / file_name, metadata={"format": "pt"})
-    if not is_writer:
-        return final
-
+    if staging is None:
+        return
     if len(shards) > 1:
         index = {"metadata": {"total_size": total}, "weight_map": weight_map}
         (staging / "model.safetensors.index.json").write_text(json.dumps(index, indent=2))
@@ -117,16 +148,68 @@ def save_pretrained(
     (staging / "config.json").write_text(json.dumps(hf_config, indent=2))
     generation = {"bos_token_id": bos_token_id, "eos_token_id": eos_token_id}
     (staging / "generation_config.json").write_text(json.dumps(generation, indent=2))
-    if tokenizer_dir is not None:
-        export_tokenizer(tokenizer_dir, staging, chat_template=chat_template, add_bos=add_bos)
-    if training_format is not None:
-        (staging / TRAINING_FORMAT_FILE).write_text(json.dumps(training_format, indent=2))
-    if remote:
-        _upload_dir(staging, final)
-        shutil.rmtree(staging.parent)
-    else:
-        _replace_dir(staging, pathlib.Path(final))
-    return final
+
+
+def save_adapter(
+    model: llama.Llama,
+    path: str | os.PathLike,
+    *,
+    base_model_name_or_path: str = "",
+    dtype: str = "float32",
+    overwrite: bool = False,
+) -> pathlib.Path:
+    """A PEFT LoRA adapter directory: adapter_config.json + adapter_model.safetensors.
+
+    `peft.PeftModel.from_pretrained(LlamaForCausalLM.from_pretrained(base), path)` loads it.
+    PEFT's lora_A.weight is [r, in] and lora_B.weight is [out, r] with HF's flattening of heads
+    (q_proj's out = heads × head_dim, o_proj's in likewise), so A [*in, r] -> reshape(-1, r).T
+    and B [r, *out] -> reshape(r, -1).T. Replaced atomically like save_pretrained.
+    """
+    cfg: llama.LlamaConfig = model.cfg
+    if not cfg.lora_rank:
+        raise ValueError("save_adapter needs a model with LoRA adapters (model.lora.rank > 0)")
+    adapters = nnx.to_pure_dict(nnx.state(model, nnx.LoRAParam))
+    tensors = {}
+    for layer in range(cfg.num_layers):
+        block = adapters["layers"] if cfg.scan_layers else adapters["layers"][layer]
+        for part in ("attention", "mlp"):
+            for name, adapter in block[part]["lora"].items():
+                a, b = (_to_host(adapter[k]) for k in ("a", "b"))
+                if cfg.scan_layers:
+                    a, b = a[layer], b[layer]
+                prefix = f"base_model.model.model.layers.{layer}.{lora.HF_MODULES[name]}"
+                rank = cfg.lora_rank
+                for key, value in (
+                    ("lora_A", a.reshape(-1, rank).T),
+                    ("lora_B", b.reshape(rank, -1).T),
+                ):
+                    tensors[f"{prefix}.{key}.weight"] = np.ascontiguousarray(
+                        value.astype(jnp.dtype(dtype))
+                    )
+    adapter_config = {
+        "peft_type": "LORA",
+        "task_type": "CAUSAL_LM",
+        "base_model_name_or_path": base_model_name_or_path or None,
+        "r": cfg.lora_rank,
+        "lora_alpha": cfg.lora_alpha,
+        "lora_dropout": cfg.lora_dropout,
+        "target_modules": sorted(lora.HF_MODULES[t].split(".")[-1] for t in cfg.lora_targets),
+        "bias": "none",
+        "fan_in_fan_out": False,
+        "use_rslora": False,
+        "use_dora": False,
+        "init_lora_weights": True,
+        "inference_mode": True,
+        "modules_to_save": None,
+    }
+    with _staged(path, overwrite) as staging:
+        if staging is None:
+            return paths.resolve(path)
+        safetensors.numpy.save_file(
+            tensors, staging / "adapter_model.safetensors", metadata={"format": "pt"}
+        )
+        (staging / "adapter_config.json").write_text(json.dumps(adapter_config, indent=2))
+    return paths.resolve(path)
 
 
 def export_tokenizer(

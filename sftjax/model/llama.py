@@ -20,7 +20,7 @@ import jax.numpy as jnp
 from flax import nnx, struct
 
 from sftjax import sharding
-from sftjax.model import attention
+from sftjax.model import attention, lora
 
 Remat = Literal["none", "full", "save_dots"]
 
@@ -46,8 +46,21 @@ class LlamaConfig:
     remat: Remat = "none"
     attention: str = "xla"  # model/attention.py CHOICES; "auto" picks by platform at trace time
     init_std: float = 0.02
+    # LoRA (model/lora.py): rank 0 = full fine-tuning. Under LoRA only the adapters train (in
+    # param_dtype); the frozen base weights are held in base_dtype.
+    lora_rank: int = 0
+    lora_alpha: float = 16.0
+    lora_targets: tuple[str, ...] = lora.TARGETS
+    lora_dropout: float = 0.0
+    base_dtype: str = "bfloat16"
 
     def __post_init__(self):
+        object.__setattr__(self, "lora_targets", lora.parse_targets(self.lora_targets))
+        if self.lora_rank < 0 or self.lora_alpha <= 0 or not 0 <= self.lora_dropout < 1:
+            raise ValueError(
+                f"lora rank={self.lora_rank}, alpha={self.lora_alpha}, dropout="
+                f"{self.lora_dropout}: need rank >= 0 (0 = off), alpha > 0, 0 <= dropout < 1"
+            )
         if self.num_heads % self.num_kv_heads:
             raise ValueError(
                 f"num_heads={self.num_heads} must be a multiple of num_kv_heads={self.num_kv_heads}"
@@ -58,6 +71,11 @@ class LlamaConfig:
             object.__setattr__(self, "head_dim", self.embed_dim // self.num_heads)
         if self.head_dim % 2:
             raise ValueError(f"head_dim={self.head_dim} must be even for rotary embeddings")
+
+    @property
+    def weights_dtype(self) -> str:
+        """dtype of the base weights: frozen ones (LoRA) in base_dtype, else param_dtype."""
+        return self.base_dtype if self.lora_rank else self.param_dtype
 
     @property
     def num_params(self) -> int:
@@ -145,8 +163,36 @@ class LayerCache(NamedTuple):
 
 
 def _param(rngs: nnx.Rngs, cfg: LlamaConfig, shape, names, std: float) -> nnx.Param:
-    value = std * jax.random.normal(rngs.params(), shape, dtype=jnp.dtype(cfg.param_dtype))
+    value = std * jax.random.normal(rngs.params(), shape, dtype=jnp.dtype(cfg.weights_dtype))
     return nnx.Param(value, out_sharding=names)
+
+
+def _adapters(cfg: LlamaConfig, rngs: nnx.Rngs, weights: dict) -> nnx.Dict:
+    """A LoRA adapter for each of `weights` (name -> (in axes, out axes)) that cfg targets."""
+    return nnx.Dict(
+        {
+            name: lora.Adapter(
+                in_axes,
+                out_axes,
+                rank=cfg.lora_rank,
+                alpha=cfg.lora_alpha,
+                dropout=cfg.lora_dropout,
+                dtype=cfg.param_dtype,
+                rngs=rngs,
+            )
+            for name, (in_axes, out_axes) in weights.items()
+            if cfg.lora_rank and name in cfg.lora_targets
+        }
+    )
+
+
+def _project(module: nnx.Module, name: str, spec: str, x, rng):
+    """einsum(spec, x, weight `name`) plus its LoRA update when `name` has an adapter."""
+    y = jnp.einsum(spec, x, getattr(module, name)[...].astype(x.dtype))
+    if name in module.lora:
+        key = None if rng is None else jax.random.fold_in(rng, lora.TARGETS.index(name))
+        y = y + module.lora[name](x, key)
+    return y
 
 
 class RMSNorm(nnx.Module):
@@ -155,7 +201,7 @@ class RMSNorm(nnx.Module):
     def __init__(self, cfg: LlamaConfig):
         self.eps = cfg.norm_eps
         self.weight = nnx.Param(
-            jnp.ones((cfg.embed_dim,), jnp.dtype(cfg.param_dtype)), out_sharding=("norm",)
+            jnp.ones((cfg.embed_dim,), jnp.dtype(cfg.weights_dtype)), out_sharding=("norm",)
         )
 
     def __call__(self, x_BLD: jax.Array) -> jax.Array:
@@ -184,13 +230,33 @@ class Attention(nnx.Module):
         self.k = _param(rngs, cfg, (d, k, h), ("embed", "kv_heads", "head_dim"), std)
         self.v = _param(rngs, cfg, (d, k, h), ("embed", "kv_heads", "head_dim"), std)
         self.o = _param(rngs, cfg, (n, h, d), ("heads", "head_dim", "embed"), std)
+        embed, heads, kv_heads = (
+            ((d, "embed"),),
+            ((n, "heads"), (h, "head_dim")),
+            ((k, "kv_heads"), (h, "head_dim")),
+        )
+        self.lora = _adapters(
+            cfg,
+            rngs,
+            {
+                "q": (embed, heads),
+                "k": (embed, kv_heads),
+                "v": (embed, kv_heads),
+                "o": (heads, embed),
+            },
+        )
 
-    def __call__(self, x_BLD, positions_BL, segment_ids_BL, cache: LayerCache | None = None):
-        """Output [B, L, D] and, with a cache, the cache holding this chunk's keys and values."""
+    def __call__(
+        self, x_BLD, positions_BL, segment_ids_BL, cache: LayerCache | None = None, rng=None
+    ):
+        """Output [B, L, D] and, with a cache, the cache holding this chunk's keys and values.
+
+        `rng`: LoRA dropout's key (training only); None runs without dropout.
+        """
         dt = x_BLD.dtype
-        q_BLNH = jnp.einsum("bld,dnh->blnh", x_BLD, self.q[...].astype(dt))
-        k_BLKH = jnp.einsum("bld,dkh->blkh", x_BLD, self.k[...].astype(dt))
-        v_BLKH = jnp.einsum("bld,dkh->blkh", x_BLD, self.v[...].astype(dt))
+        q_BLNH = _project(self, "q", "bld,dnh->blnh", x_BLD, rng)
+        k_BLKH = _project(self, "k", "bld,dkh->blkh", x_BLD, rng)
+        v_BLKH = _project(self, "v", "bld,dkh->blkh", x_BLD, rng)
         q_BLNH = sharding.constrain(q_BLNH, ("batch", "seq", "heads", None))
         q_BLNH = rotary(q_BLNH, positions_BL, self.cfg.rope_theta)
         k_BLKH = rotary(k_BLKH, positions_BL, self.cfg.rope_theta)
@@ -215,7 +281,7 @@ class Attention(nnx.Module):
                 q_start=cache.start,
                 implementation=self.cfg.attention,
             )
-        return jnp.einsum("blnh,nhd->bld", out_BLNH, self.o[...].astype(dt)), cache
+        return _project(self, "o", "blnh,nhd->bld", out_BLNH.astype(dt), rng), cache
 
 
 class Mlp(nnx.Module):
@@ -226,13 +292,16 @@ class Mlp(nnx.Module):
         self.gate = _param(rngs, cfg, (d, f), ("embed", "mlp"), std)
         self.up = _param(rngs, cfg, (d, f), ("embed", "mlp"), std)
         self.down = _param(rngs, cfg, (f, d), ("mlp", "embed"), std)
+        embed, mlp = ((d, "embed"),), ((f, "mlp"),)
+        self.lora = _adapters(
+            cfg, rngs, {"gate": (embed, mlp), "up": (embed, mlp), "down": (mlp, embed)}
+        )
 
-    def __call__(self, x_BLD: jax.Array) -> jax.Array:
-        dt = x_BLD.dtype
-        gate_BLF = jnp.einsum("bld,df->blf", x_BLD, self.gate[...].astype(dt))
-        up_BLF = jnp.einsum("bld,df->blf", x_BLD, self.up[...].astype(dt))
+    def __call__(self, x_BLD: jax.Array, rng=None) -> jax.Array:
+        gate_BLF = _project(self, "gate", "bld,df->blf", x_BLD, rng)
+        up_BLF = _project(self, "up", "bld,df->blf", x_BLD, rng)
         hidden_BLF = sharding.constrain(jax.nn.silu(gate_BLF) * up_BLF, ("batch", "seq", "mlp"))
-        return jnp.einsum("blf,fd->bld", hidden_BLF, self.down[...].astype(dt))
+        return _project(self, "down", "blf,fd->bld", hidden_BLF, rng)
 
 
 class Block(nnx.Module):
@@ -242,12 +311,14 @@ class Block(nnx.Module):
         self.mlp_norm = RMSNorm(cfg)
         self.mlp = Mlp(cfg, rngs)
 
-    def __call__(self, x_BLD, positions_BL, segment_ids_BL, cache: LayerCache | None = None):
+    def __call__(
+        self, x_BLD, positions_BL, segment_ids_BL, cache: LayerCache | None = None, rng=None
+    ):
         attended_BLD, cache = self.attention(
-            self.attention_norm(x_BLD), positions_BL, segment_ids_BL, cache
+            self.attention_norm(x_BLD), positions_BL, segment_ids_BL, cache, rng
         )
         x_BLD = x_BLD + attended_BLD
-        x_BLD = x_BLD + self.mlp(self.mlp_norm(x_BLD))
+        x_BLD = x_BLD + self.mlp(self.mlp_norm(x_BLD), rng)
         return sharding.constrain(x_BLD, ("batch", "seq", None)), cache
 
 
@@ -298,9 +369,12 @@ class Llama(nnx.Module):
         return sharding.constrain(logits_BLV, ("batch", "seq", "vocab"))
 
     def hidden_states(
-        self, tokens_BL, positions_BL, segment_ids_BL, cache: Cache | None = None
+        self, tokens_BL, positions_BL, segment_ids_BL, cache: Cache | None = None, rng=None
     ) -> tuple[jax.Array, Cache | None]:
-        """(final-normed hidden states [B, L, D], the cache with this chunk appended or None)."""
+        """(final-normed hidden states [B, L, D], the cache with this chunk appended or None).
+
+        `rng` turns on LoRA dropout (training); each layer gets its own key.
+        """
         dt = jnp.dtype(self.cfg.dtype)
         # Gather from a table all-gathered over fsdp (as FSDP does for every weight at use):
         # gathering from the embed-sharded table would leave activations sharded the wrong
@@ -313,30 +387,32 @@ class Llama(nnx.Module):
                 cache.segment_ids, segment_ids_BL.astype(jnp.int32), cache.end, axis=1
             )
 
-        def run_block(graphdef, block_state, x, kv):
+        def run_block(graphdef, block_state, x, kv, key):
             """kv: this layer's (k, v) cache buffers, or None without a cache."""
             layer_cache = None if kv is None else LayerCache(*kv, kv_segment_ids_BS, cache.end)
             x, layer_cache = nnx.merge(graphdef, block_state)(
-                x, positions_BL, segment_ids_BL, layer_cache
+                x, positions_BL, segment_ids_BL, layer_cache, key
             )
             return x, None if layer_cache is None else (layer_cache.k_BSKH, layer_cache.v_BSKH)
 
         run_block = _remat(run_block, self.cfg.remat)
         kv = None if cache is None else (cache.k, cache.v)
+        keys = None if rng is None else jax.random.split(rng, self.cfg.num_layers)
         if self.cfg.scan_layers:
             graphdef, stacked = nnx.split(self.layers)
 
             def body(x, layer):
-                block_state, layer_kv = layer
-                return run_block(graphdef, block_state, x, layer_kv)
+                block_state, layer_kv, key = layer
+                return run_block(graphdef, block_state, x, layer_kv, key)
 
             # The stacked caches (or None) are scanned alongside the stacked block parameters.
-            x_BLD, kv = jax.lax.scan(body, x_BLD, (stacked, kv))
+            x_BLD, kv = jax.lax.scan(body, x_BLD, (stacked, kv, keys))
         else:
             new_kv = []
             for i, block in enumerate(self.layers):
                 layer_kv = None if kv is None else (kv[0][i], kv[1][i])
-                x_BLD, layer_kv = run_block(*nnx.split(block), x_BLD, layer_kv)
+                key = None if keys is None else keys[i]
+                x_BLD, layer_kv = run_block(*nnx.split(block), x_BLD, layer_kv, key)
                 new_kv.append(layer_kv)
             kv = None if kv is None else tuple(jnp.stack(t) for t in zip(*new_kv, strict=True))
 
@@ -356,6 +432,37 @@ def _stacked_blocks(cfg: LlamaConfig, rngs: nnx.Rngs) -> Block:
     return make(rngs)
 
 
+def merge_lora(model: Llama) -> Llama:
+    """The same function as a plain Llama (no adapters): W + A B · α/r, in fp32, same shardings.
+
+    What the Hugging Face export writes; a model without adapters is returned as it is.
+    """
+    cfg = model.cfg
+    if not cfg.lora_rank:
+        return model
+    plain = dataclasses.replace(cfg, lora_rank=0, param_dtype="float32")
+    params = nnx.to_pure_dict(nnx.state(model))
+
+    def delta(a, b):  # A B · α/r, [*in, r] x [r, *out] -> [*in, *out]
+        return jnp.tensordot(a, b, axes=1) * (cfg.lora_alpha / cfg.lora_rank)
+
+    delta = jax.vmap(delta) if cfg.scan_layers else delta
+
+    def merge_block(block: dict) -> None:
+        for part in ("attention", "mlp"):
+            for name, adapter in block[part].pop("lora").items():
+                block[part][name] = block[part][name] + delta(adapter["a"], adapter["b"])
+
+    params = jax.tree.map(lambda x: x.astype(jnp.float32), params)
+    layers = params["layers"]
+    for block in [layers] if cfg.scan_layers else layers.values():
+        merge_block(block)
+    mesh = jax.tree.leaves(params)[0].sharding.mesh
+    graphdef, state = nnx.split(abstract(plain, mesh))
+    nnx.replace_by_pure_dict(state, params)
+    return nnx.merge(graphdef, state)
+
+
 def count_params(model: nnx.Module) -> int:
     """Parameters actually held by a (possibly abstract) model."""
     return sum(math.prod(x.shape) for x in jax.tree.leaves(nnx.state(model, nnx.Param)))
@@ -371,6 +478,19 @@ def create(
     """Random init under jit: each parameter is born in its sharding (70B never on one host)."""
     with jax.set_mesh(mesh), nnx.logical_axis_rules(rules):
         return nnx.jit(lambda: Llama(cfg, rngs=nnx.Rngs(seed)))()
+
+
+def create_adapters(
+    cfg: LlamaConfig,
+    mesh: jax.sharding.Mesh,
+    *,
+    seed: int = 0,
+    rules: sharding.Rules = sharding.DEFAULT_RULES,
+) -> nnx.State:
+    """Only the LoRA adapters of a fresh model, born in their sharding (XLA drops the unused
+    base init, so a 70B base is never drawn at random just to be thrown away)."""
+    with jax.set_mesh(mesh), nnx.logical_axis_rules(rules):
+        return nnx.jit(lambda: nnx.state(Llama(cfg, rngs=nnx.Rngs(seed)), nnx.LoRAParam))()
 
 
 def abstract(
