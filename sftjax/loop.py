@@ -411,7 +411,9 @@ def _finish(run: _Run, ckpt, writer, stop_reason: str, step: int, early, frozen)
                 hf_export.save_adapter(
                     best_model,
                     run.workdir / "peft_adapter",
-                    base_model_name_or_path=config.model.hf_path,
+                    base_model_name_or_path=str(paths.resolve(config.model.hf_path))
+                    if config.model.hf_path
+                    else "",
                     overwrite=True,
                 )
             export_dir = hf_export.save_pretrained(

@@ -25,7 +25,17 @@ from sftjax import config as config_lib
 OVERRIDE_KEY = "train.allow_config_change"
 
 # Arrays of a checkpoint only fit a state of the same architecture and dtypes.
-INCOMPATIBLE = ("model.preset", "model.vocab_size", "model.scan_layers", "model.param_dtype")
+# A LoRA checkpoint holds only the adapters (targets x rank); a full one holds every weight.
+INCOMPATIBLE = (
+    "model.preset",
+    "model.vocab_size",
+    "model.scan_layers",
+    "model.param_dtype",
+    "model.lora.rank",
+    "model.lora.targets",
+)
+# Keys newer than some checkpoints, and the value a checkpoint without them was trained with.
+ADDED_DEFAULTS = {"model.lora.rank": 0}
 
 # Changes that leave the math and the data order of every step as it was. Prefix matches.
 ALLOWED = (
@@ -95,7 +105,7 @@ class Verdict:
 
 def compare(saved: dict, new: dict, saved_step: int) -> Verdict:
     """Sort every differing key of two config dicts (ConfigDict.to_dict() or its JSON)."""
-    old_flat, new_flat = _flatten(saved), _flatten(new)
+    old_flat, new_flat = {**ADDED_DEFAULTS, **_flatten(saved)}, _flatten(new)
     verdict = Verdict([], [], [])
     for key in sorted(old_flat.keys() | new_flat.keys()):
         old, now = old_flat.get(key, _ABSENT), new_flat.get(key, _ABSENT)

@@ -450,7 +450,7 @@ def merge_lora(model: Llama) -> Llama:
 
     def merge_block(block: dict) -> None:
         for part in ("attention", "mlp"):
-            for name, adapter in block[part].pop("lora").items():
+            for name, adapter in block[part].pop("lora", {}).items():
                 block[part][name] = block[part][name] + delta(adapter["a"], adapter["b"])
 
     params = jax.tree.map(lambda x: x.astype(jnp.float32), params)
