@@ -20,7 +20,7 @@ from sftjax import config as config_lib
 from sftjax.model import hf_export, hf_io, llama
 
 torch = pytest.importorskip("torch", reason="torch (CPU) is in the test extra for HF parity")
-transformers = pytest.importorskip("transformers")
+transformers = pytest.importorskip("transformers", reason="transformers loads the merged export")
 peft = pytest.importorskip("peft", reason="peft is in the test extra for the LoRA round trip")
 
 TOL = 1e-4  # fp32 on both sides
