@@ -173,7 +173,8 @@ def save_adapter(
     for layer in range(cfg.num_layers):
         block = adapters["layers"] if cfg.scan_layers else adapters["layers"][layer]
         for part in ("attention", "mlp"):
-            for name, adapter in block[part]["lora"].items():
+            # A part with no targeted projection holds no LoRAParam, so no entry at all.
+            for name, adapter in block.get(part, {}).get("lora", {}).items():
                 a, b = (_to_host(adapter[k]) for k in ("a", "b"))
                 if cfg.scan_layers:
                     a, b = a[layer], b[layer]
