@@ -15,6 +15,7 @@ from flax import nnx
 from hf_fixtures import our_logits
 from train_fixtures import (
     ROOT,
+    config_with,
     demo_corpus,
     main_command,
     optim_config,
@@ -26,6 +27,7 @@ from train_fixtures import (
 )
 
 from sftjax import base_model, checkpoint, resume_check, sharding, train
+from sftjax import config as config_lib
 from sftjax.model import llama, lora
 
 VOCAB = 64
@@ -289,7 +291,7 @@ def test_lora_run_killed_resumes_identically_and_refuses_another_base(tmp_path):
         val_file,
         tok_dir,
         **{
-            "model.hf_path": base_dir,
+            "model.hf_path": str(base_dir),
             "model.lora.rank": 4,
             "model.lora.dropout": 0.1,  # the dropout key must resume too
             "model.base_dtype": "float32",
@@ -322,10 +324,16 @@ def test_lora_run_killed_resumes_identically_and_refuses_another_base(tmp_path):
     ckpt = checkpoint.Checkpointer(run / "checkpoints", max_to_keep=10, async_save=False)
     record = ckpt.restore_record(16)
     assert set(record["base_model"]["files"]) == {"model.safetensors"}
-    saved_bytes = sum(f.stat().st_size for f in (run / "checkpoints" / "16").rglob("*"))
-    base_bytes = (base_dir / "model.safetensors").stat().st_size
-    assert saved_bytes < base_bytes / 2
+    config = config_with(values)
+    tx, _ = train.make_optimizer(config.optim, 16)
+    cfg = config_lib.model_config(config.model)
+    _, abstract_state, _ = train.abstract_train_state(
+        cfg, sharding.make_mesh(), sharding.DEFAULT_RULES, tx
+    )
+    state, _ = ckpt.restore(16, abstract_state)  # Orbax refuses a target that misses leaves
     ckpt.close()
+    leaves = jax.tree_util.tree_leaves_with_path(state.params)
+    assert leaves and all("'lora'" in jax.tree_util.keystr(p) for p, _ in leaves)
 
     # Another base under the same path: the adapters' checkpoint is refused, one line, exit 2.
     make_hf_llama(base_dir, vocab_size=vocab, max_position_embeddings=128, seed=1)

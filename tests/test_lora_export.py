@@ -143,17 +143,9 @@ def test_peft_loads_adapter_with_our_logits(hf_dir, tmp_path, scan_layers, targe
     assert diff <= TOL
 
 
-MERGE_BUG = pytest.mark.xfail(
-    raises=KeyError,
-    strict=True,
-    reason="llama.merge_lora pops block[part]['lora'], absent when no projection of the part "
-    "is targeted (q,v leave the MLP bare); fix: block[part].pop('lora', {})",
-)
-
-
 @pytest.mark.parametrize(
     "scan_layers, targets",
-    [(False, "all"), (True, "all"), pytest.param(True, "q,v", marks=MERGE_BUG)],
+    [(False, "all"), (True, "all"), (True, "q,v")],
 )
 def test_merged_export_equals_adapters_and_peft_merge(hf_dir, tmp_path, scan_layers, targets):
     mesh = sharding.make_mesh(devices=jax.devices()[:1])
