@@ -222,6 +222,16 @@ def test_accumulated_microbatches_equal_one_big_batch(batches):
     np.testing.assert_allclose(accumulated, one, rtol=1e-5)
 
 
+@pytest.mark.parametrize("scan_layers, remat", [(False, "full"), (True, "save_dots")])
+def test_rematerialised_lora_equals_no_remat(batches, scan_layers, remat):
+    """Remat recomputes the adapters' path (dropout masks included) exactly as it ran."""
+    mesh = single_mesh()
+    cfg = dict(lora_dropout=0.1, scan_layers=scan_layers)
+    _, _, stored = run_steps(mesh, lora_cfg(**cfg, remat="none"), batches[:3])
+    _, _, recomputed = run_steps(mesh, lora_cfg(**cfg, remat=remat), batches[:3])
+    np.testing.assert_allclose(recomputed, stored, rtol=1e-5)
+
+
 def test_sharded_lora_run_equals_single_device(batches):
     cfg = lora_cfg()
     _, _, single = run_steps(single_mesh(), cfg, batches)
