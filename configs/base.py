@@ -18,7 +18,9 @@ def get_config() -> ml_collections.ConfigDict:
     c.model.scan_layers = True  # stack layers and lax.scan them: fast compiles at 70B
     c.model.remat = "save_dots"  # activation checkpointing: none, full, save_dots
     c.model.attention = "auto"  # auto: splash on TPU, cudnn on NVIDIA GPUs, else xla (reference)
-    c.model.base_dtype = "bfloat16"  # LoRA only: dtype of the frozen base weights
+    # LoRA only: dtype of the frozen base weights; "int8" stores the projections as int8 codes
+    # with per-channel scales (QLoRA-style, about half of bf16's memory)
+    c.model.base_dtype = "bfloat16"
     c.model.lora = ml_collections.ConfigDict()
     c.model.lora.rank = 0  # LoRA rank; 0 = full fine-tuning. >0 trains only the adapters
     c.model.lora.alpha = 16.0  # the update is scaled by alpha / rank (PEFT's lora_alpha)

@@ -13,8 +13,8 @@ import ml_collections
 from flax import nnx
 
 from sftjax import config as config_lib
-from sftjax import paths
-from sftjax.model import hf_io, llama
+from sftjax import paths, sharding
+from sftjax.model import hf_io, int8, llama
 
 # Bytes hashed per weight file: the safetensors header (names, shapes, offsets) plus spans at the
 # start, middle and end of the data. Telling two checkpoints apart needs no full read (which
@@ -48,18 +48,25 @@ def load_base(config: ml_collections.ConfigDict, cfg, mesh, rules) -> llama.Llam
 
 def initial_params(config: ml_collections.ConfigDict, cfg, mesh, rules) -> tuple[dict, dict]:
     """(trainable, frozen) pure dicts of a fresh run; frozen is {} for full fine-tuning."""
-    base = nnx.to_pure_dict(nnx.state(load_base(config, cfg, mesh, rules)))
     if not cfg.lora_rank:
-        return base, {}
+        return nnx.to_pure_dict(nnx.state(load_base(config, cfg, mesh, rules))), {}
     adapters = llama.create_adapters(cfg, mesh, seed=config.train.seed, rules=rules)
-    return nnx.to_pure_dict(adapters), base
+    return nnx.to_pure_dict(adapters), frozen_params(config, cfg, mesh, rules)
 
 
 def frozen_params(config: ml_collections.ConfigDict, cfg, mesh, rules) -> dict:
-    """What a resumed run holds beside its checkpoint: the LoRA base, or {} (full FT)."""
+    """The LoRA base as the step takes it (int8 codes + scales if so configured); {} for full
+    fine-tuning. A resumed run reads it again: its checkpoints hold only the adapters."""
     if not cfg.lora_rank:
         return {}
-    return nnx.to_pure_dict(nnx.state(load_base(config, cfg, mesh, rules)))
+    base = nnx.to_pure_dict(nnx.state(load_base(config, cfg, mesh, rules)))
+    if cfg.quantized_base:
+        _, _, abstract = nnx.split(llama.abstract(cfg, mesh, rules), nnx.LoRAParam, ...)
+        shardings = nnx.to_pure_dict(sharding.state_shardings(abstract, mesh, rules))
+        base["layers"] = int8.quantize_blocks(
+            base["layers"], shardings["layers"], stacked=cfg.scan_layers
+        )
+    return base
 
 
 def identity(config: ml_collections.ConfigDict) -> dict | None:

@@ -16,7 +16,7 @@ CHOICES = {
     "model.attention": attention.CHOICES,
     "model.param_dtype": ("float32", "bfloat16"),
     "model.dtype": ("float32", "bfloat16"),
-    "model.base_dtype": ("float32", "bfloat16"),
+    "model.base_dtype": ("float32", "bfloat16", "int8"),
     "data.template": ("alpaca", "chat", "tokenizer"),
     "data.format": ("auto", "alpaca", "prompt_completion", "sharegpt", "messages"),
     "data.train_on": ("all_assistant_turns", "last_assistant_turn"),

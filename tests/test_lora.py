@@ -28,7 +28,7 @@ from train_fixtures import (
 
 from sftjax import base_model, checkpoint, resume_check, sharding, train
 from sftjax import config as config_lib
-from sftjax.model import llama, lora
+from sftjax.model import int8, llama, lora
 
 VOCAB = 64
 # Odd shapes: grouped-query (5 heads over 1 kv head), head_dim 6 != embed/heads, odd mlp.
@@ -289,8 +289,8 @@ def test_resume_refuses_switching_between_lora_and_full_fine_tuning():
 
 @pytest.mark.slow
 def test_lora_run_killed_resumes_identically_and_refuses_another_base(tmp_path):
-    """Through the CLI on a Hugging Face base: kill -9, rerun, the same losses bit for bit;
-    the checkpoints hold only adapters; a different base at model.hf_path exits 2."""
+    """Through the CLI on a Hugging Face base held in int8: kill -9, rerun, the same losses bit
+    for bit; the checkpoints hold only adapters; a different base at model.hf_path exits 2."""
     from hf_fixtures import make_hf_llama
 
     train_file, val_file, tok_dir, vocab = demo_corpus(tmp_path / "corpus")
@@ -304,7 +304,7 @@ def test_lora_run_killed_resumes_identically_and_refuses_another_base(tmp_path):
             "model.hf_path": str(base_dir),
             "model.lora.rank": 4,
             "model.lora.dropout": 0.1,  # the dropout key must resume too
-            "model.base_dtype": "float32",
+            "model.base_dtype": "int8",  # codes and scales rebuilt identically on resume
             "optim.lr": 1e-2,
             "checkpoint.export_hf": True,
         },
@@ -355,3 +355,106 @@ def test_lora_run_killed_resumes_identically_and_refuses_another_base(tmp_path):
     assert "is not the base model the LoRA checkpoint of step 16 was trained on" in refused.stderr
     assert "model.safetensors: same size, different content" in refused.stderr
     assert "Traceback" not in refused.stderr
+
+
+# --- int8 base (model.base_dtype="int8") ---
+
+
+def test_int8_codes_round_trip_within_half_a_step_per_output_channel():
+    w = jax.random.normal(jax.random.PRNGKey(0), (2, 40, 5, 6)) * jnp.arange(1, 31.0).reshape(
+        1, 1, 5, 6
+    )
+    w = w.at[0, :, 0, 0].set(0.0)  # an all-zero channel stays exact
+    codes, scale = int8.quantize(w, num_in=1, leading=1)
+    assert codes.dtype == jnp.int8 and scale.shape == (2, 1, 5, 6)
+    assert int(jnp.abs(codes).max()) == 127  # every channel's absmax maps to ±127
+    error = jnp.abs(int8.dequantize(codes, scale, jnp.float32) - w)
+    assert bool(jnp.all(error <= scale / 2 + 1e-6))
+    assert float(jnp.abs(int8.dequantize(codes, scale, jnp.float32)[0, :, 0, 0]).max()) == 0.0
+
+
+@pytest.mark.parametrize("scan_layers", [False, True])
+def test_int8_base_is_the_dequantised_base_and_trains_only_adapters(tmp_path, scan_layers):
+    """The int8 LoRA model computes with codes x scale: equal to a plain model holding those
+    dequantised weights, close to the bf16 base, and its merge is what it computes."""
+    from hf_fixtures import make_hf_llama
+
+    make_hf_llama(tmp_path / "base", vocab_size=VOCAB)
+    mesh = sharding.make_mesh(data=1, fsdp=4, tensor=2)
+    config = base_config_with(
+        {
+            "model.hf_path": str(tmp_path / "base"),
+            "model.dtype": "float32",
+            "model.scan_layers": scan_layers,
+            "model.lora.rank": 4,
+            "model.base_dtype": "int8",
+        }
+    )
+    cfg = config_lib.model_config(config.model)
+    params, frozen = base_model.initial_params(config, cfg, mesh, sharding.DEFAULT_RULES)
+    layer = frozen["layers"] if scan_layers else frozen["layers"][0]
+    assert layer["attention"]["q"].dtype == jnp.int8
+    assert layer["attention"]["o_scale"].shape[-3:] == (1, 1, 64)
+    assert frozen["embedding"].dtype == jnp.bfloat16  # only the projections are quantised
+    graphdef, _, _ = train.split(llama.abstract(cfg, mesh))
+    model = nnx.merge(graphdef, params, frozen)
+    ids = tokens(2, 16, VOCAB)
+    zero_b = our_logits(model, ids)
+
+    # B = 0, so the logits are the merged (dequantised, adapter-free) model's, exactly.
+    np.testing.assert_allclose(zero_b, our_logits(llama.merge_lora(model), ids), atol=1e-5)
+    bf16 = config_with_values(config, {"model.base_dtype": "bfloat16"})
+    bf16_params, bf16_frozen = base_model.initial_params(
+        bf16, config_lib.model_config(bf16.model), mesh, sharding.DEFAULT_RULES
+    )
+    bf16_model = nnx.merge(graphdef_of(bf16, mesh), bf16_params, bf16_frozen)
+    reference = our_logits(bf16_model, ids)
+    relative = np.abs(zero_b - reference).max() / np.abs(reference).max()
+    assert 0 < relative < 0.02, relative
+
+    frozen_bytes = sum(x.nbytes for x in jax.tree.leaves(frozen))
+    bf16_bytes = sum(x.nbytes for x in jax.tree.leaves(bf16_frozen))
+    assert frozen_bytes < 0.7 * bf16_bytes, (frozen_bytes, bf16_bytes)
+
+    # It trains: the adapters learn, the codes and scales stay bit-identical.
+    tx, schedule = train.make_optimizer(optim_config(), 10)
+    _, abstract_state, abstract_frozen = train.abstract_train_state(
+        cfg, mesh, sharding.DEFAULT_RULES, tx
+    )
+    shardings = jax.tree.map(lambda a: a.sharding, abstract_state)
+    state = train.init_state(params, tx, shardings, 0)
+    batch_sharding = sharding.batch_sharding(mesh)
+    step_fn, _ = train.jit_steps(
+        graphdef, tx, schedule, 1, shardings, batch_sharding,
+        jax.tree.map(lambda a: a.sharding, abstract_frozen),
+    )  # fmt: skip
+    before = jax.tree.map(np.array, frozen)
+    losses = []
+    with jax.set_mesh(mesh):
+        for batch in packed_batches(random_examples(100, VOCAB), batch_size=8, seq_len=64, steps=4):
+            state, metrics = step_fn(state, train.global_batch(batch, batch_sharding), frozen)
+            losses.append(float(metrics["loss"]))
+    assert losses[-1] < losses[0], losses
+    jax.tree.map(np.testing.assert_array_equal, before, jax.tree.map(np.array, frozen))
+
+
+def base_config_with(values: dict):
+    from train_fixtures import config_with
+
+    return config_with(values)
+
+
+def config_with_values(config, values: dict):
+    copy = config.copy_and_resolve_references()
+    for dotted, value in values.items():
+        *sections, key = dotted.split(".")
+        node = copy
+        for section in sections:
+            node = node[section]
+        node[key] = value
+    return copy
+
+
+def graphdef_of(config, mesh):
+    cfg = config_lib.model_config(config.model)
+    return train.split(llama.abstract(cfg, mesh))[0]

@@ -20,7 +20,7 @@ import jax.numpy as jnp
 from flax import nnx, struct
 
 from sftjax import sharding
-from sftjax.model import attention, lora
+from sftjax.model import attention, int8, lora
 
 Remat = Literal["none", "full", "save_dots"]
 
@@ -47,7 +47,7 @@ class LlamaConfig:
     attention: str = "xla"  # model/attention.py CHOICES; "auto" picks by platform at trace time
     init_std: float = 0.02
     # LoRA (model/lora.py): rank 0 = full fine-tuning. Under LoRA only the adapters train (in
-    # param_dtype); the frozen base weights are held in base_dtype.
+    # param_dtype); the frozen base weights are held in base_dtype ("int8": model/int8.py).
     lora_rank: int = 0
     lora_alpha: float = 16.0
     lora_targets: tuple[str, ...] = lora.TARGETS
@@ -56,6 +56,8 @@ class LlamaConfig:
 
     def __post_init__(self):
         object.__setattr__(self, "lora_targets", lora.parse_targets(self.lora_targets))
+        if self.base_dtype not in ("float32", "bfloat16", "int8"):
+            raise ValueError(f"base_dtype={self.base_dtype!r}: choose float32, bfloat16 or int8")
         if self.lora_rank < 0 or self.lora_alpha <= 0 or not 0 <= self.lora_dropout < 1:
             raise ValueError(
                 f"lora rank={self.lora_rank}, alpha={self.lora_alpha}, dropout="
@@ -73,9 +75,19 @@ class LlamaConfig:
             raise ValueError(f"head_dim={self.head_dim} must be even for rotary embeddings")
 
     @property
+    def quantized_base(self) -> bool:
+        """LoRA over int8 projection weights (codes + per-channel scales)."""
+        return bool(self.lora_rank) and self.base_dtype == "int8"
+
+    @property
     def weights_dtype(self) -> str:
-        """dtype of the base weights: frozen ones (LoRA) in base_dtype, else param_dtype."""
-        return self.base_dtype if self.lora_rank else self.param_dtype
+        """dtype of the base weights: frozen ones (LoRA) in base_dtype, else param_dtype.
+
+        Under an int8 base, what is not quantised (embeddings, norms, head) is bf16.
+        """
+        if not self.lora_rank:
+            return self.param_dtype
+        return "bfloat16" if self.base_dtype == "int8" else self.base_dtype
 
     @property
     def num_params(self) -> int:
@@ -167,6 +179,16 @@ def _param(rngs: nnx.Rngs, cfg: LlamaConfig, shape, names, std: float) -> nnx.Pa
     return nnx.Param(value, out_sharding=names)
 
 
+def _projection(rngs: nnx.Rngs, cfg: LlamaConfig, shape, names, std: float, num_in: int):
+    """(weight, per-output-channel scale): int8 codes and their scale under an int8 base,
+    else the plain weight and None."""
+    if not cfg.quantized_base:
+        return _param(rngs, cfg, shape, names, std), None
+    codes, scale = int8.quantize(std * jax.random.normal(rngs.params(), shape), num_in)
+    scale_names = (None,) * num_in + tuple(names[num_in:])  # size-1 input axes: never split
+    return nnx.Param(codes, out_sharding=names), nnx.Param(scale, out_sharding=scale_names)
+
+
 def _adapters(cfg: LlamaConfig, rngs: nnx.Rngs, weights: dict) -> nnx.Dict:
     """A LoRA adapter for each of `weights` (name -> (in axes, out axes)) that cfg targets."""
     return nnx.Dict(
@@ -188,7 +210,12 @@ def _adapters(cfg: LlamaConfig, rngs: nnx.Rngs, weights: dict) -> nnx.Dict:
 
 def _project(module: nnx.Module, name: str, spec: str, x, rng):
     """einsum(spec, x, weight `name`) plus its LoRA update when `name` has an adapter."""
-    y = jnp.einsum(spec, x, getattr(module, name)[...].astype(x.dtype))
+    weight, scale = getattr(module, name)[...], getattr(module, f"{name}_scale")
+    if scale is None:
+        weight = weight.astype(x.dtype)
+    else:  # int8 base: dequantised here, at use
+        weight = int8.dequantize(weight, scale[...], x.dtype)
+    y = jnp.einsum(spec, x, weight)
     if name in module.lora:
         key = None if rng is None else jax.random.fold_in(rng, lora.TARGETS.index(name))
         y = y + module.lora[name](x, key)
@@ -226,10 +253,18 @@ class Attention(nnx.Module):
     def __init__(self, cfg: LlamaConfig, rngs: nnx.Rngs):
         d, n, k, h, std = cfg.embed_dim, cfg.num_heads, cfg.num_kv_heads, cfg.head_dim, cfg.init_std
         self.cfg = cfg
-        self.q = _param(rngs, cfg, (d, n, h), ("embed", "heads", "head_dim"), std)
-        self.k = _param(rngs, cfg, (d, k, h), ("embed", "kv_heads", "head_dim"), std)
-        self.v = _param(rngs, cfg, (d, k, h), ("embed", "kv_heads", "head_dim"), std)
-        self.o = _param(rngs, cfg, (n, h, d), ("heads", "head_dim", "embed"), std)
+        self.q, self.q_scale = _projection(
+            rngs, cfg, (d, n, h), ("embed", "heads", "head_dim"), std, 1
+        )
+        self.k, self.k_scale = _projection(
+            rngs, cfg, (d, k, h), ("embed", "kv_heads", "head_dim"), std, 1
+        )
+        self.v, self.v_scale = _projection(
+            rngs, cfg, (d, k, h), ("embed", "kv_heads", "head_dim"), std, 1
+        )
+        self.o, self.o_scale = _projection(
+            rngs, cfg, (n, h, d), ("heads", "head_dim", "embed"), std, 2
+        )
         embed, heads, kv_heads = (
             ((d, "embed"),),
             ((n, "heads"), (h, "head_dim")),
@@ -289,9 +324,9 @@ class Mlp(nnx.Module):
 
     def __init__(self, cfg: LlamaConfig, rngs: nnx.Rngs):
         d, f, std = cfg.embed_dim, cfg.mlp_dim, cfg.init_std
-        self.gate = _param(rngs, cfg, (d, f), ("embed", "mlp"), std)
-        self.up = _param(rngs, cfg, (d, f), ("embed", "mlp"), std)
-        self.down = _param(rngs, cfg, (f, d), ("mlp", "embed"), std)
+        self.gate, self.gate_scale = _projection(rngs, cfg, (d, f), ("embed", "mlp"), std, 1)
+        self.up, self.up_scale = _projection(rngs, cfg, (d, f), ("embed", "mlp"), std, 1)
+        self.down, self.down_scale = _projection(rngs, cfg, (f, d), ("mlp", "embed"), std, 1)
         embed, mlp = ((d, "embed"),), ((f, "mlp"),)
         self.lora = _adapters(
             cfg, rngs, {"gate": (embed, mlp), "up": (embed, mlp), "down": (mlp, embed)}
@@ -450,6 +485,10 @@ def merge_lora(model: Llama) -> Llama:
 
     def merge_block(block: dict) -> None:
         for part in ("attention", "mlp"):
+            for name in list(block[part]):  # an int8 base: codes x scale first
+                if name.endswith("_scale"):
+                    weight = name.removesuffix("_scale")
+                    block[part][weight] = block[part][weight] * block[part].pop(name)
             for name, adapter in block[part].pop("lora", {}).items():
                 block[part][name] = block[part][name] + delta(adapter["a"], adapter["b"])
 
