@@ -14,7 +14,7 @@ import tempfile
 import jax
 
 from sftjax import paths
-from sftjax.model import llama
+from sftjax.model import llama, lora
 
 log = logging.getLogger("sftjax")
 
@@ -42,9 +42,13 @@ def flops_per_token(cfg: llama.LlamaConfig, seq_len: int) -> float:
     seq_len·head_dim per head: 4·seq_len·H·N forward, ×3 with backward = 12·L·N·H·seq_len;
     causal masking halves the useful part, giving 6·L·N·H·seq_len. With packing we still
     count the full row (the kernel computes it); this is the conventional MFU numerator.
+    Under LoRA the frozen weights need no weight gradient: 4·N (forward, input gradient) for
+    them plus 6 per adapter parameter, so a LoRA step is not credited with work it skips.
     """
     matmul_params = cfg.num_params - cfg.vocab_size * cfg.embed_dim * (not cfg.tie_embeddings)
     attention = 6 * cfg.num_layers * cfg.num_heads * cfg.head_dim * seq_len
+    if cfg.lora_rank:
+        return 4.0 * matmul_params + 6.0 * lora.num_params(cfg) + attention
     return 6.0 * matmul_params + attention
 
 

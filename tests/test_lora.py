@@ -459,3 +459,19 @@ def config_with_values(config, values: dict):
 def graphdef_of(config, mesh):
     cfg = config_lib.model_config(config.model)
     return train.split(llama.abstract(cfg, mesh))[0]
+
+
+def test_adapter_count_and_lora_flops_match_the_model():
+    """lora.num_params counts what the model holds; a LoRA step is credited 4 FLOPs per frozen
+    weight (no weight gradient) + 6 per adapter weight, not full fine-tuning's 6 per weight."""
+    from sftjax import metrics
+
+    for targets in ("all", "q,v", "o,down"):
+        cfg = llama.LlamaConfig(**ODD, lora_rank=3, lora_targets=targets)
+        held = jax.tree.leaves(nnx.state(llama.abstract(cfg, single_mesh()), nnx.LoRAParam))
+        assert lora.num_params(cfg) == sum(x.size for x in held)
+    cfg = llama.LlamaConfig(**ODD, lora_rank=3)
+    full = llama.LlamaConfig(**ODD)
+    attention = 6 * ODD["num_layers"] * ODD["num_heads"] * ODD["head_dim"] * 64
+    matmul = (metrics.flops_per_token(full, 64) - attention) / 6
+    assert metrics.flops_per_token(cfg, 64) == 4 * matmul + 6 * lora.num_params(cfg) + attention

@@ -43,6 +43,16 @@ def parse_targets(spec) -> tuple[str, ...]:
     return tuple(t for t in TARGETS if t in names)
 
 
+def num_params(cfg) -> int:
+    """Adapter parameters of a LlamaConfig: rank · (in + out) per targeted weight per layer."""
+    d, f, h = cfg.embed_dim, cfg.mlp_dim, cfg.head_dim
+    q, kv = cfg.num_heads * h, cfg.num_kv_heads * h
+    sizes = {"q": (d, q), "k": (d, kv), "v": (d, kv), "o": (q, d)}
+    sizes.update(gate=(d, f), up=(d, f), down=(f, d))
+    per_layer = sum(sum(sizes[t]) for t in cfg.lora_targets)
+    return cfg.num_layers * cfg.lora_rank * per_layer
+
+
 class Adapter(nnx.Module):
     """The low-rank path of one projection whose weight is [*in_shape, *out_shape].
 
