@@ -381,15 +381,14 @@ def test_int8_base_is_the_dequantised_base_and_trains_only_adapters(tmp_path, sc
 
     make_hf_llama(tmp_path / "base", vocab_size=VOCAB)
     mesh = sharding.make_mesh(data=1, fsdp=4, tensor=2)
-    config = base_config_with(
-        {
-            "model.hf_path": str(tmp_path / "base"),
-            "model.dtype": "float32",
-            "model.scan_layers": scan_layers,
-            "model.lora.rank": 4,
-            "model.base_dtype": "int8",
-        }
-    )
+    values = {
+        "model.hf_path": str(tmp_path / "base"),
+        "model.dtype": "float32",
+        "model.scan_layers": scan_layers,
+        "model.lora.rank": 4,
+        "model.base_dtype": "int8",
+    }
+    config = config_with(values)
     cfg = config_lib.model_config(config.model)
     params, frozen = base_model.initial_params(config, cfg, mesh, sharding.DEFAULT_RULES)
     layer = frozen["layers"] if scan_layers else frozen["layers"][0]
@@ -403,7 +402,7 @@ def test_int8_base_is_the_dequantised_base_and_trains_only_adapters(tmp_path, sc
 
     # B = 0, so the logits are the merged (dequantised, adapter-free) model's, exactly.
     np.testing.assert_allclose(zero_b, our_logits(llama.merge_lora(model), ids), atol=1e-5)
-    bf16 = config_with_values(config, {"model.base_dtype": "bfloat16"})
+    bf16 = config_with({**values, "model.base_dtype": "bfloat16"})
     bf16_params, bf16_frozen = base_model.initial_params(
         bf16, config_lib.model_config(bf16.model), mesh, sharding.DEFAULT_RULES
     )
@@ -437,23 +436,6 @@ def test_int8_base_is_the_dequantised_base_and_trains_only_adapters(tmp_path, sc
             losses.append(float(metrics["loss"]))
     assert losses[-1] < losses[0], losses
     jax.tree.map(np.testing.assert_array_equal, before, jax.tree.map(np.array, frozen))
-
-
-def base_config_with(values: dict):
-    from train_fixtures import config_with
-
-    return config_with(values)
-
-
-def config_with_values(config, values: dict):
-    copy = config.copy_and_resolve_references()
-    for dotted, value in values.items():
-        *sections, key = dotted.split(".")
-        node = copy
-        for section in sections:
-            node = node[section]
-        node[key] = value
-    return copy
 
 
 def graphdef_of(config, mesh):
