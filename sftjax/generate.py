@@ -331,6 +331,9 @@ def training_template(settings: dict, tok: tokenize.SegmentTokenizer, override: 
 
 def main(argv: Sequence[str]) -> None:
     del argv
+    from sftjax import cli
+
+    cli.setup_logging()  # no libtpu noise on a CPU host; JAX's INFO lines only with --verbose
     if (FLAGS.prompt is None) == (FLAGS.input is None):
         raise app.UsageError("give exactly one of --prompt or --input")
     if FLAGS.input is not None and FLAGS.output is None:
