@@ -417,7 +417,7 @@ def _finish(run: _Run, ckpt, writer, stop_reason: str, step: int, early, frozen)
                     overwrite=True,
                 )
             export_dir = hf_export.save_pretrained(
-                llama.merge_lora(best_model),
+                llama.merge_lora(best_model, config.checkpoint.export_dtype),
                 run.workdir / "hf_export",
                 tokenizer_dir=config.data.tokenizer,
                 # chat_template.jinja, BOS rule and sftjax_format.json of the training format
