@@ -24,7 +24,8 @@ def get_config() -> ml_collections.ConfigDict:
     c.model.lora = ml_collections.ConfigDict()
     c.model.lora.rank = 0  # LoRA rank; 0 = full fine-tuning. >0 trains only the adapters
     c.model.lora.alpha = 16.0  # the update is scaled by alpha / rank (PEFT's lora_alpha)
-    c.model.lora.targets = "q,k,v,o,gate,up,down"  # projections with adapters, or "all"
+    # projections with adapters, or "all"; PEFT's names work too (q_proj, ..., all-linear)
+    c.model.lora.targets = "q,k,v,o,gate,up,down"
     c.model.lora.dropout = 0.0  # dropout on the adapters' input while training
 
     c.optim = ml_collections.ConfigDict()

@@ -268,6 +268,8 @@ def test_bad_lora_settings_are_refused_with_the_fix():
         lora_cfg(lora_rank=-1)
     assert lora.parse_targets("v, q") == ("q", "v")
     assert lora.parse_targets("all") == lora.TARGETS
+    assert lora.parse_targets("v_proj,q_proj,down_proj") == ("q", "v", "down")  # PEFT's names
+    assert lora.parse_targets("all-linear") == lora.TARGETS
 
 
 def test_resume_refuses_switching_between_lora_and_full_fine_tuning():

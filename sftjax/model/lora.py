@@ -30,10 +30,14 @@ HF_MODULES = {
 
 
 def parse_targets(spec) -> tuple[str, ...]:
-    """ "q,v" / ("q", "v") / "all" -> ("q", "v") in TARGETS order; unknown names refused."""
+    """'q,v', ('q', 'v') or 'all' -> ('q', 'v') in TARGETS order; unknown names refused.
+
+    PEFT's module names are accepted too ('q_proj,v_proj'; 'all-linear': every projection).
+    """
     names = [s.strip() for s in (spec.split(",") if isinstance(spec, str) else spec)]
-    names = [n for n in names if n]
-    if names == ["all"]:
+    peft_names = {module.split(".")[-1]: ours for ours, module in HF_MODULES.items()}
+    names = [peft_names.get(n, n) for n in names if n]
+    if names in (["all"], ["all-linear"]):
         return TARGETS
     unknown = sorted(set(names) - set(TARGETS))
     if unknown or not names:
