@@ -120,8 +120,8 @@ def unknown_key_message(key: str, config: dict) -> str | None:
     node = config
     for part in section.split(".") if section else []:
         node = node.get(part) if isinstance(node, dict) else None
-    leaves = [k for k in known if k.count(".") == key.count(".")] or known
-    close = _closest(key, leaves)
+    same_depth = [k for k in known if k.count(".") == key.count(".")]
+    close = _closest(key, same_depth) or _closest(key, known)
     hint = f"; did you mean {' or '.join(close)}?" if close else ""
     if isinstance(node, dict):
         hint += f" (config.{section} has: {', '.join(node)})"

@@ -104,6 +104,8 @@ def test_key_hints_for_typos_in_sections_and_leaves():
     assert hint.startswith("--config.optm.lr: no such config key; did you mean optim.lr")
     assert "did you mean data.pack or" in cli.unknown_key_message("data.pak", tree)
     assert "did you mean optim.lr" in cli.unknown_key_message("optim.lr.peak", tree)
+    assert "did you mean model.lora.rank" in cli.unknown_key_message("model.lora.rnk", tree)
+    assert "did you mean model.lora or" in cli.unknown_key_message("model.lora_rank", tree)
 
 
 def test_config_value_of_the_wrong_type_is_one_line(corpus, tmp_path):
