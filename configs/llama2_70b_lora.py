@@ -41,7 +41,7 @@ def get_config() -> ml_collections.ConfigDict:
     c.model.remat = "full"  # keep only each layer's input: memory goes to the frozen base
     c.model.lora.rank = 16  # 207M trainable parameters, 0.3% of 70B
     c.model.lora.alpha = 32.0  # alpha = 2 x rank, the usual pairing: update scale 2
-    c.model.lora.targets = "all"  # every projection: QLoRA (Dettmers et al. 2023) found it
+    c.model.lora.targets = "all"  # every projection: QLoRA (2023) found it needed to match full FT
     c.model.lora.dropout = 0.05  # alpaca-lora's and PEFT examples' value
     c.data.tokenizer = "/path/to/Llama-2-70b-hf"  # placeholder: the model's own tokenizer
     c.data.train_files = "/path/to/train.jsonl"  # placeholder: JSONL rows (alpaca or chat)

@@ -44,7 +44,7 @@ def get_config() -> ml_collections.ConfigDict:
     c.model.remat = "full"  # keep only each layer's input (save_dots: see docstring)
     c.model.lora.rank = 16  # 40M trainable parameters, 0.6% of 7B
     c.model.lora.alpha = 32.0  # alpha = 2 x rank, the usual pairing: update scale 2
-    c.model.lora.targets = "all"  # every projection: QLoRA (Dettmers et al. 2023) found it
+    c.model.lora.targets = "all"  # every projection: QLoRA (2023) found it needed to match full FT
     c.model.lora.dropout = 0.05  # alpaca-lora's and PEFT examples' value
     c.data.tokenizer = "/path/to/Llama-2-7b-hf"  # placeholder: the model's own tokenizer
     c.data.train_files = "/path/to/train.jsonl"  # placeholder: JSONL rows (alpaca or chat)
