@@ -3,14 +3,17 @@
 Compiles the real train step (the function `fit` jits, with its shardings, microbatches, remat
 and attention) on abstract arrays for a TPU slice, using the TPU compiler from libtpu on a host
 without a TPU, and reads the per-chip memory the compiler plans: nothing is allocated or run.
-When the config does not fit it tries the usual knobs in order of cost to speed (microbatches,
-splash attention, full remat, more chips) and prints the first change that fits.
+When the config does not fit it tries the usual knobs in order of cost to speed (a bf16 frozen
+base under LoRA, microbatches, splash attention, full remat, more chips) and prints the first
+change that fits.
 
 Fit means arguments + temporaries <= HBM per chip: libtpu itself refuses a compile only when
 temporaries alone exceed HBM, but the arguments (parameters + optimizer state, donated and so
-aliased with the outputs) are resident at the same time. `--devices=N` compiles for N local
-devices instead: GPUs where there are GPUs; on a CPU host a rough estimate only (XLA:CPU
-computes bf16 matmuls in fp32 and uses XLA attention, overstating temporaries).
+aliased with the outputs; under LoRA also the frozen base, an argument never donated) are
+resident at the same time. `--devices=N` compiles for N local devices instead: GPUs where there
+are GPUs; on a CPU host a rough estimate only (XLA:CPU computes bf16 matmuls in fp32 and uses
+XLA attention, overstating temporaries). `--topology=v5p:1x1x1` plans a single chip, the
+question "does it fit one chip?" (the smallest v5p slice Google rents is v5p-8, 4 chips).
 
 Owns topology names, the memory arithmetic and the knob search. It builds nothing of its own:
 abstract state, shardings and the jitted step come from train.py, as in fit().
@@ -87,6 +90,14 @@ def parse_topology(text: str) -> Target:
     return Target(f"{generation}:{shape}", generation, chips, spec["hbm_gib"])
 
 
+def _host_bounds(shape: str) -> dict:
+    """libtpu's topology options for `shape`: a grid smaller than its default host (2x2x1
+    chips), such as v5e:1x1, is one host of exactly that grid."""
+    dims = [int(d) for d in shape.split("x")]
+    dims += [1] * (3 - len(dims))
+    return {"chips_per_host_bounds": dims} if dims[0] < 2 or dims[1] < 2 else {}
+
+
 def devices_for(target: Target) -> list:
     """The target's devices: TPU devices from libtpu's topology, or this host's CPU devices."""
     if not target.is_tpu:
@@ -100,7 +111,8 @@ def devices_for(target: Target) -> list:
         # serialise concurrent plans and test runs on a CPU host) guards nothing here.
         os.environ.setdefault("ALLOW_MULTIPLE_LIBTPU_LOAD", "1")
     try:
-        topology = topologies.get_topology_desc(target.name, "tpu")
+        shape = target.name.split(":")[1]
+        topology = topologies.get_topology_desc(target.name, "tpu", **_host_bounds(shape))
     except Exception as e:  # libtpu missing, or a shape it does not know
         raise PlanError(
             f"no TPU compiler for {target.name}: {str(e).splitlines()[0]} "
@@ -113,8 +125,9 @@ def devices_for(target: Target) -> list:
 class Plan:
     target: Target
     change: str  # "as configured" or the knobs that were turned
-    params_gib: float
+    params_gib: float  # what trains: every parameter, or only the LoRA adapters
     optimizer_gib: float
+    frozen_gib: float  # the frozen base under LoRA (0 without): an argument, never donated
     arguments_gib: float
     temporaries_gib: float
     compile_s: float
@@ -136,10 +149,16 @@ class Plan:
         verdict = "does NOT fit" if not self.fits else "fits, tight" if self.tight else "fits"
         verdict += f" ({share:.0%} of HBM)"
         estimate = " (CPU-compiler estimate)" if self.target.generation == "cpu" else ""
+        state = f"params {self.params_gib:.1f} + optimizer {self.optimizer_gib:.1f}"
+        if self.frozen_gib:
+            state = (
+                f"params {self.params_gib:.2f} (trainable) + optimizer {self.optimizer_gib:.2f}"
+                f" + frozen base {self.frozen_gib:.1f}"
+            )
         return (
-            f"{self.target.name}, {self.change}: params {self.params_gib:.1f} + optimizer "
-            f"{self.optimizer_gib:.1f} GiB/chip; arguments {self.arguments_gib:.1f} + "
-            f"temporaries {self.temporaries_gib:.1f} = {self.per_chip_gib:.1f} / "
+            f"{self.target.name}, {self.change}: {state} GiB/chip; arguments "
+            f"{self.arguments_gib:.1f} + temporaries {self.temporaries_gib:.1f} = "
+            f"{self.per_chip_gib:.1f} / "
             f"{self.target.hbm_gib:.2f} GiB HBM: {verdict}{estimate} "
             f"(compiled in {self.compile_s:.0f} s)"
         )
@@ -201,7 +220,8 @@ def compile_plan(config: ml_collections.ConfigDict, target: Target, change: str)
         jax.tree.map(lambda a: a.sharding, frozen),
         dropout=cfg.lora_dropout > 0,
     )
-    params_gib, optimizer_gib = _shard_gib(state.params), _shard_gib(state.opt_state)
+    # What the arguments hold, per chip, for the report line (the verdict uses the compiler's).
+    held = [_shard_gib(state.params), _shard_gib(state.opt_state), _shard_gib(frozen)]
     start = time.perf_counter()
     with jax.set_mesh(mesh):
         lowered = step_fn.lower(state, batch, frozen)
@@ -213,16 +233,16 @@ def compile_plan(config: ml_collections.ConfigDict, target: Target, change: str)
                 raise
             scale = {"K": 2**-20, "M": 2**-10, "G": 1, "T": 2**10}[found.group(2).upper()]
             temporaries = float(found.group(1)) * scale
-            arguments = _shard_gib((state, batch, frozen))
+            arguments = _shard_gib((state, batch, frozen))  # the frozen base is resident too
             seconds = time.perf_counter() - start
-            return Plan(target, change, params_gib, optimizer_gib, arguments, temporaries, seconds)
+            return Plan(target, change, *held, arguments, temporaries, seconds)
     seconds = time.perf_counter() - start
     # Outputs not aliased with donated arguments (the metrics) are live beside them.
     arguments = (
         memory.argument_size_in_bytes + memory.output_size_in_bytes - memory.alias_size_in_bytes
     ) / GIB
     temporaries = memory.temp_size_in_bytes / GIB
-    return Plan(target, change, params_gib, optimizer_gib, arguments, temporaries, seconds)
+    return Plan(target, change, *held, arguments, temporaries, seconds)
 
 
 def _with(config: ml_collections.ConfigDict, **changes) -> ml_collections.ConfigDict:
@@ -238,7 +258,12 @@ def knobs(config: ml_collections.ConfigDict, target: Target):
     """(change, config, target) to try in order, cheapest in speed first; the first fit wins."""
     rows_per_chip = config.train.batch_size // target.chips
     micro = config.train.microbatches
-    for factor in (2, 4):  # more microbatches: same math, less activation memory, smaller matmuls
+    if config.model.lora.rank and config.model.base_dtype == "float32":
+        # The frozen base is the largest argument under LoRA; bf16 halves it (and is faster).
+        yield "model.base_dtype=bfloat16", _with(config, **{"model.base_dtype": "bfloat16"}), target
+    # More microbatches: same math, less activation memory, smaller matmuls. Under LoRA their
+    # fp32 gradient accumulator is only adapter-sized.
+    for factor in (2, 4):
         if rows_per_chip % (micro * factor) == 0:
             more = {"train.microbatches": micro * factor}
             yield f"train.microbatches={micro * factor}", _with(config, **more), target
@@ -293,6 +318,9 @@ def summary(plans: list[Plan]) -> dict:
         "target": first.target.name,
         "estimate": first.target.generation == "cpu",
         "per_chip_gib": round(first.per_chip_gib, 2),
+        "params_gib": round(first.params_gib, 2),
+        "optimizer_gib": round(first.optimizer_gib, 2),
+        "frozen_gib": round(first.frozen_gib, 2),
         "arguments_gib": round(first.arguments_gib, 2),
         "temporaries_gib": round(first.temporaries_gib, 2),
         "hbm_gib": first.target.hbm_gib,

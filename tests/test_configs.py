@@ -1,10 +1,10 @@
 """The Llama-2 configs and the multi-host path: overrides of base only, valid, full-size shapes.
 
-Owns: configs/llama2_{7b,13b,70b}.py loaded exactly as main.py loads them; config.validate on
-them with real paths; published parameter counts; the 7B train state's FSDP sharding and
-per-device bytes under jax.eval_shape (no memory); one train step run by two processes through
-jax.distributed (gloo on CPU) equal to the same step in one process; the launch scripts'
-commands (DRY_RUN) and main.py accepting them.
+Owns: configs/llama2_{7b,13b,70b}.py and llama2_{7b,70b}_lora.py loaded exactly as main.py
+loads them; config.validate on them with real paths; published parameter counts; the 7B train
+state's FSDP sharding and per-device bytes under jax.eval_shape (no memory); one train step run
+by two processes through jax.distributed (gloo on CPU) equal to the same step in one process;
+the launch scripts' commands (DRY_RUN) and main.py accepting them.
 It does not run a real pod: the 2-process CPU test is the only multi-host evidence here.
 """
 
@@ -37,6 +37,7 @@ from sftjax.model import llama
 pytestmark = pytest.mark.filterwarnings("ignore:the load_module:DeprecationWarning")
 
 NAMES = ("llama2_7b", "llama2_13b", "llama2_70b")
+LORA_NAMES = ("llama2_7b_lora", "llama2_70b_lora")  # same model and data recipe, LoRA on
 PUBLISHED_PARAMS = {
     "llama2_7b": 6_738_415_616,
     "llama2_13b": 13_015_864_320,
@@ -72,6 +73,16 @@ RECIPE = {
     "llama2_7b": {"optim.lr": 2e-5, "model.remat": "save_dots"},
     "llama2_13b": {"optim.lr": 2e-5},
     "llama2_70b": {"optim.lr": 1e-5, "model.remat": "full"},
+    "llama2_7b_lora": {"optim.lr": 2e-4, "model.lora.dropout": 0.05},
+    "llama2_70b_lora": {"optim.lr": 1e-4, "model.lora.dropout": 0.05, "model.remat": "full"},
+}
+# Devices each config is sized for (its microbatches divide the batch over them); else 8.
+SIZED_FOR = {"llama2_7b_lora": 1, "llama2_70b_lora": 4}
+LORA_RECIPE = {
+    "model.lora.rank": 16,
+    "model.lora.alpha": 32.0,
+    "model.lora.targets": "all",
+    "model.base_dtype": "bfloat16",
 }
 COMMON_RECIPE = {
     "optim.warmup_ratio": 0.03,
@@ -113,9 +124,14 @@ def flat(config: ml_collections.ConfigDict, prefix: str = "") -> dict:
     return out
 
 
+def size(name: str) -> str:
+    """llama2_7b_lora -> llama2_7b: the preset a config fine-tunes."""
+    return name.removesuffix("_lora")
+
+
 def name_hf(name: str) -> str:
-    """llama2_7b -> Llama-2-7b-hf, the Hugging Face directory name."""
-    return "Llama-2-" + name.removeprefix("llama2_") + "-hf"
+    """llama2_7b(_lora) -> Llama-2-7b-hf, the Hugging Face directory name."""
+    return "Llama-2-" + size(name).removeprefix("llama2_") + "-hf"
 
 
 @pytest.fixture(scope="module")
@@ -149,7 +165,7 @@ def real_paths(tmp_path_factory) -> dict:
     return paths
 
 
-@pytest.mark.parametrize("name", NAMES)
+@pytest.mark.parametrize("name", NAMES + LORA_NAMES)
 def test_config_is_base_plus_few_commented_overrides(name):
     config = load_config(name)
     values, base = flat(config), flat(base_config())
@@ -172,7 +188,8 @@ def test_config_is_base_plus_few_commented_overrides(name):
         assert key in base, f"{name}: {key} is not a key of base.py"
         assert "  # " in lines[node.lineno - 1], f"{name}: {key} has no comment"
 
-    expected = {**COMMON_RECIPE, **RECIPE[name], "model.preset": name}
+    lora = LORA_RECIPE if name in LORA_NAMES else {"model.lora.rank": 0}
+    expected = {**COMMON_RECIPE, **lora, **RECIPE[name], "model.preset": size(name)}
     assert {k: values[k] for k in expected} == expected
     assert values["model.hf_path"] == values["data.tokenizer"] == f"/path/to/{name_hf(name)}"
 
@@ -183,21 +200,23 @@ def test_config_is_base_plus_few_commented_overrides(name):
         load_config(name, "--config.optim.typo=1")
 
 
-@pytest.mark.parametrize("name", NAMES)
+@pytest.mark.parametrize("name", NAMES + LORA_NAMES)
 def test_validate_accepts_config_and_params_match_published(name, real_paths):
     with pytest.raises(config_lib.ConfigError) as placeholders:
         config_lib.validate(load_config(name), 8)
     for key in ("data.train_files", "data.tokenizer", "model"):
         assert f"config.{key}" in str(placeholders.value)
 
-    config = load_config(name, *real_paths[name])
-    config_lib.validate(config, num_devices=8)
-    config_lib.validate(config, num_devices=16, num_processes=2)  # e.g. two 8-chip hosts
+    config = load_config(name, *real_paths[size(name)])
+    chips = SIZED_FOR.get(name, 8)
+    config_lib.validate(config, num_devices=chips)
+    config_lib.validate(config, num_devices=2 * chips, num_processes=2)  # e.g. two such hosts
     from_hf = config_lib.model_config(config.model)
     config.model.hf_path = ""  # the preset instead of config.json
     from_preset = config_lib.model_config(config.model)
     assert from_hf == from_preset
-    assert from_hf.num_params == PUBLISHED_PARAMS[name]
+    assert from_hf.num_params == PUBLISHED_PARAMS[size(name)]
+    assert from_hf.lora_rank == (16 if name in LORA_NAMES else 0)
 
 
 def test_7b_train_state_is_fsdp_sharded_with_expected_bytes_per_device():
