@@ -57,6 +57,22 @@ def num_params(cfg) -> int:
     return cfg.num_layers * cfg.lora_rank * per_layer
 
 
+def _mask_key(rng: jax.Array) -> jax.Array:
+    """An `unsafe_rbg` key made from a (threefry) key's bits, for the dropout masks.
+
+    XLA's RngBitGenerator draws a [B, L, D] mask far cheaper to compile than threefry's
+    unrolled hash: the 7B LoRA plan for one v5p chip compiled in 346 s with threefry masks and
+    61 s with rbg ones. The masks stay a pure function of the key, so a resume on the same
+    mesh is exact; under another sharding they may differ (the loss is then another sample).
+    """
+    data = (
+        jax.random.key_data(rng) if jax.dtypes.issubdtype(rng.dtype, jax.dtypes.prng_key) else rng
+    )
+    return jax.random.wrap_key_data(
+        jnp.concatenate([data, data ^ jnp.uint32(0x9E3779B9)]), impl="unsafe_rbg"
+    )
+
+
 class Adapter(nnx.Module):
     """The low-rank path of one projection whose weight is [*in_shape, *out_shape].
 
@@ -84,7 +100,7 @@ class Adapter(nnx.Module):
         """The update to add to the projection of x; dropout only when an rng is given."""
         dt = x.dtype
         if rng is not None and self.dropout > 0:
-            keep = jax.random.bernoulli(rng, 1.0 - self.dropout, x.shape)
+            keep = jax.random.bernoulli(_mask_key(rng), 1.0 - self.dropout, x.shape)
             x = jnp.where(keep, x / (1.0 - self.dropout), 0).astype(dt)
         low_rank = jnp.tensordot(x, self.a[...].astype(dt), axes=self.a.ndim - 1)
         return jnp.tensordot(low_rank, self.b[...].astype(dt), axes=1) * jnp.asarray(self.scale, dt)
