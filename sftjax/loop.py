@@ -177,18 +177,11 @@ def _prepare(config: ml_collections.ConfigDict, workdir: paths.Path) -> _Run:
 
     tx, schedule = train.make_optimizer(config.optim, total_steps)
     graphdef, abstract_state, abstract_frozen = train.abstract_train_state(cfg, mesh, rules, tx)
-    state_shardings = jax.tree.map(lambda a: a.sharding, abstract_state)
     batch_sharding = sharding.batch_sharding(mesh, rules)
-    step_fn, eval_fn = train.jit_steps(
-        graphdef,
-        tx,
-        schedule,
-        config.train.microbatches,
-        state_shardings,
-        batch_sharding,
-        jax.tree.map(lambda a: a.sharding, abstract_frozen),
-        dropout=cfg.lora_dropout > 0,
-    )
+    step_fn, eval_fn = train.jit_steps_for(
+        cfg, graphdef, abstract_state, abstract_frozen, tx, schedule,
+        config.train.microbatches, batch_sharding,
+    )  # fmt: skip
     if cfg.lora_rank:
         _log_lora(cfg, abstract_state, abstract_frozen)
     return _Run(

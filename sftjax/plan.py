@@ -209,16 +209,8 @@ def compile_plan(config: ml_collections.ConfigDict, target: Target, change: str)
         k: jax.ShapeDtypeStruct(rows, jax.numpy.int32, sharding=batch_sharding)
         for k in train.BATCH_KEYS
     }
-    state_shardings = jax.tree.map(lambda a: a.sharding, state)
-    step_fn, _ = train.jit_steps(
-        graphdef,
-        tx,
-        schedule,
-        config.train.microbatches,
-        state_shardings,
-        batch_sharding,
-        jax.tree.map(lambda a: a.sharding, frozen),
-        dropout=cfg.lora_dropout > 0,
+    step_fn, _ = train.jit_steps_for(
+        cfg, graphdef, state, frozen, tx, schedule, config.train.microbatches, batch_sharding
     )
     # What the arguments hold, per chip, for the report line (the verdict uses the compiler's).
     held = [_shard_gib(state.params), _shard_gib(state.opt_state), _shard_gib(frozen)]

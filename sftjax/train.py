@@ -233,6 +233,23 @@ def jit_steps(
     return step, evaluate_batch
 
 
+def jit_steps_for(
+    cfg, graphdef, abstract_state, abstract_frozen, tx, schedule, microbatches, batch_sharding
+):
+    """jit_steps for the trees `abstract_train_state` returned (their shardings), with LoRA
+    dropout when the model has it: the step fit() runs and the planner compiles."""
+    return jit_steps(
+        graphdef,
+        tx,
+        schedule,
+        microbatches,
+        jax.tree.map(lambda a: a.sharding, abstract_state),
+        batch_sharding,
+        jax.tree.map(lambda a: a.sharding, abstract_frozen),
+        dropout=cfg.lora_dropout > 0,
+    )
+
+
 def state_shardings_for(param_shardings: dict, abstract_params: dict, tx) -> TrainState:
     """Shardings of every TrainState leaf: optimizer moments follow their parameter."""
     any_sharding = jax.tree.leaves(param_shardings)[0]

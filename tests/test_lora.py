@@ -162,15 +162,8 @@ def lora_trainer(mesh, cfg, *, microbatches: int = 1, steps: int = 10):
     shardings = jax.tree.map(lambda a: a.sharding, abstract_state)
     state = train.init_state(params, tx, shardings, 0)
     batch_sharding = sharding.batch_sharding(mesh)
-    step_fn, eval_fn = train.jit_steps(
-        graphdef,
-        tx,
-        schedule,
-        microbatches,
-        shardings,
-        batch_sharding,
-        jax.tree.map(lambda a: a.sharding, abstract_frozen),
-        dropout=cfg.lora_dropout > 0,
+    step_fn, eval_fn = train.jit_steps_for(
+        cfg, graphdef, abstract_state, abstract_frozen, tx, schedule, microbatches, batch_sharding
     )
     return state, frozen, step_fn, eval_fn, batch_sharding
 
@@ -426,10 +419,9 @@ def test_int8_base_is_the_dequantised_base_and_trains_only_adapters(tmp_path, sc
     shardings = jax.tree.map(lambda a: a.sharding, abstract_state)
     state = train.init_state(params, tx, shardings, 0)
     batch_sharding = sharding.batch_sharding(mesh)
-    step_fn, _ = train.jit_steps(
-        graphdef, tx, schedule, 1, shardings, batch_sharding,
-        jax.tree.map(lambda a: a.sharding, abstract_frozen),
-    )  # fmt: skip
+    step_fn, _ = train.jit_steps_for(
+        cfg, graphdef, abstract_state, abstract_frozen, tx, schedule, 1, batch_sharding
+    )
     before = jax.tree.map(np.array, frozen)
     losses = []
     with jax.set_mesh(mesh):
