@@ -4,10 +4,10 @@ Full fine-tuning of 70B needs 32 v5p chips (configs/llama2_70b.py: 828 GB of fp3
 Adam); here only rank-16 adapters train (207M parameters) beside a frozen bf16 base (128.5 GiB,
 32.1 per chip over 4). `python -m sftjax.plan --topology=v5p-8` (TPU compiler, per chip, as
 shipped, one host of 4 chips, FSDP over them): arguments 33.8 GiB (trainable 0.57 + Adam 1.13
-+ frozen base 32.1) + temporaries 23.3 = 57.1 of 95.7 GiB, 60 %. (Each adapter's factor on
++ frozen base 32.1) + temporaries 25.9 = 59.7 of 95.7 GiB, 62 %. (Each adapter's factor on
 the heads/mlp side follows axes that the default rules split over `tensor`, not `fsdp`, so a
 chip holds 152M of the 207M trainable parameters: 1.7 GiB with Adam, 3 % of the total.) GPUs:
-not planned here (no GPU compiler); 57 GiB per chip would be 77 % of an 80 GB GPU, so 4 × 80
+not planned here (no GPU compiler); 60 GiB per chip would be 80 % of an 80 GB GPU, so 4 × 80
 GB may do: `--devices=4` on a GPU host plans it with the GPU compiler.
 The paths are placeholders; override them on the command line:
   python -m sftjax.main --config=configs/llama2_70b_lora.py --workdir=runs/70b_lora \

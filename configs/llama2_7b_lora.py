@@ -4,13 +4,14 @@ Full fine-tuning of 7B needs 8 v5p chips (configs/llama2_7b.py: 12 B/param of fp
 Adam); here only rank-16 adapters train (40M parameters, fp32 with their Adam moments: 0.45
 GiB) beside a frozen bf16 base (12.6 GiB). `python -m sftjax.plan` (per device, as shipped):
   --topology=v5p:1x1x1 (one v5p chip, TPU compiler): arguments 13.0 GiB (trainable 0.15 +
-    Adam 0.30 + frozen base 12.6) + temporaries 8.9 = 21.9 of 95.7 GiB, 23 %. With the room,
-    --config.model.remat=save_dots (no forward recompute, faster) plans 13.0 + 47.2 = 60.2, 63 %.
-  --devices=1 --hbm_gib=80 (one 80 GB GPU): 13.0 + 42.6 = 55.6 of 80 GiB, 69 % (75 % of 74.5
+    Adam 0.30 + frozen base 12.6) + temporaries 9.7 = 22.7 of 95.7 GiB, 24 %. With the room,
+    --config.model.remat=save_dots (no forward recompute, faster) plans 13.0 + 47.8 = 60.8, 63 %.
+  --devices=1 --hbm_gib=80 (one 80 GB GPU): 13.0 + 40.3 = 53.3 of 80 GiB, 67 % (72 % of 74.5
     GiB, i.e. 80 GB). No GPU compiler here: this is the CPU compiler's estimate, which computes
     bf16 matmuls in fp32 and materialises attention scores, so it overstates temporaries; it is
-    also erratic (microbatches 8: 92 GiB, 4: 59 GiB), hence full remat and 16 microbatches.
-  --topology=v6e:1x1 (a v6e-1, one Trillium chip, 31.25 GiB): 13.0 + 8.9 = 21.9 GiB, 70 %.
+    also erratic (threefry-mask era: microbatches 8: 92 GiB, 4: 59 GiB), hence full remat and
+    16 microbatches.
+  --topology=v6e:1x1 (a v6e-1, one Trillium chip, 31.25 GiB): 13.0 + 10.0 = 23.0 GiB, 73 %.
 Google's smallest v5p slice is a v5p-8 (4 chips); "one chip" is the per-chip question.
 The paths are placeholders; override them on the command line:
   python -m sftjax.main --config=configs/llama2_7b_lora.py --workdir=runs/7b_lora \

@@ -138,9 +138,7 @@ def test_lora_knobs_try_a_bf16_base_first():
 def test_lora_configs_fit_their_target_with_the_frozen_base_counted(optimized, name, topology):
     # Full fine-tuning needs 8 v5p chips for 7B and 32 for 70B (the tests above).
     config, target, lines = shipped(name), plan.parse_topology(topology), []
-    # Without LoRA dropout: its random masks made the compiles take 356 s (7B) and 438 s (70B)
-    # instead of 64 s and 90 s here, for the same memory (21.9 vs 22.2 and 57.1 vs 58.0 GiB).
-    config.model.lora.dropout = 0.0
+    # As shipped, dropout included: its rbg masks compile in 30-60 s (threefry's took 6-7 min).
     (result,) = plan.plan(config, target, search=False, report=lines.append)
     print(lines[-1])
     assert result.fits and result.per_chip_gib < 0.7 * target.hbm_gib  # shipped with room
