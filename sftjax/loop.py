@@ -26,7 +26,7 @@ from jax.experimental import multihost_utils
 from sftjax import base_model, checkpoint, generate, metrics, paths, resume_check, sharding, train
 from sftjax import config as config_lib
 from sftjax.data import chat_templates, pipeline, tokenize
-from sftjax.model import hf_export, llama
+from sftjax.model import hf_export, llama, merge
 
 log = logging.getLogger("sftjax")
 
@@ -410,7 +410,7 @@ def _finish(run: _Run, ckpt, writer, stop_reason: str, step: int, early, frozen)
                     overwrite=True,
                 )
             export_dir = hf_export.save_pretrained(
-                llama.merge_lora(best_model, config.checkpoint.export_dtype),
+                merge.merge_lora(best_model, config.checkpoint.export_dtype),
                 run.workdir / "hf_export",
                 tokenizer_dir=config.data.tokenizer,
                 # chat_template.jinja, BOS rule and sftjax_format.json of the training format

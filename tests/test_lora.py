@@ -28,7 +28,7 @@ from train_fixtures import (
 
 from sftjax import base_model, checkpoint, resume_check, sharding, train
 from sftjax import config as config_lib
-from sftjax.model import int8, llama, lora
+from sftjax.model import int8, llama, lora, merge
 
 VOCAB = 64
 # Odd shapes: grouped-query (5 heads over 1 kv head), head_dim 6 != embed/heads, odd mlp.
@@ -146,7 +146,7 @@ def test_lora_logits_equal_hand_merged_weights_on_odd_shapes(scan_layers):
     ids = tokens(2, 19, ODD["vocab_size"], seed=1)
     ours = our_logits(model, ids)
     np.testing.assert_allclose(ours, our_logits(reference, ids), rtol=1e-5, atol=2e-5)
-    np.testing.assert_allclose(ours, our_logits(llama.merge_lora(model), ids), atol=2e-5)
+    np.testing.assert_allclose(ours, our_logits(merge.merge_lora(model), ids), atol=2e-5)
     # The adapters matter: without them the logits differ.
     base_only = llama.create(base_model.base_config(cfg), mesh, seed=0)
     assert np.abs(ours - our_logits(base_only, ids)).max() > 1e-2
@@ -396,7 +396,7 @@ def test_int8_base_is_the_dequantised_base_and_trains_only_adapters(tmp_path, sc
     zero_b = our_logits(model, ids)
 
     # B = 0, so the logits are the merged (dequantised, adapter-free) model's, exactly.
-    np.testing.assert_allclose(zero_b, our_logits(llama.merge_lora(model), ids), atol=1e-5)
+    np.testing.assert_allclose(zero_b, our_logits(merge.merge_lora(model), ids), atol=1e-5)
     bf16 = config_with({**values, "model.base_dtype": "bfloat16"})
     bf16_params, bf16_frozen = base_model.initial_params(
         bf16, config_lib.model_config(bf16.model), mesh, sharding.DEFAULT_RULES

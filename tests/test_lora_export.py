@@ -17,7 +17,7 @@ from train_fixtures import config_with, demo_corpus, short_run
 
 from sftjax import base_model, loop, sharding
 from sftjax import config as config_lib
-from sftjax.model import hf_export, hf_io, llama
+from sftjax.model import hf_export, hf_io, llama, merge
 
 torch = pytest.importorskip("torch", reason="torch (CPU) is in the test extra for HF parity")
 transformers = pytest.importorskip("transformers", reason="transformers loads the merged export")
@@ -154,7 +154,7 @@ def test_merged_export_equals_adapters_and_peft_merge(hf_dir, tmp_path, scan_lay
     )
     ours = our_logits(model, TOKENS)
     merged_dir = hf_export.save_pretrained(
-        llama.merge_lora(model), tmp_path / "merged", dtype="float32"
+        merge.merge_lora(model), tmp_path / "merged", dtype="float32"
     )
     merged = transformers.LlamaForCausalLM.from_pretrained(merged_dir, dtype=torch.float32).eval()
     diff = max_diff(hf_logits(merged, TOKENS), ours)

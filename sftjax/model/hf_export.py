@@ -71,7 +71,9 @@ def save_pretrained(
     """
     cfg: llama.LlamaConfig = model.cfg
     if cfg.lora_rank:
-        raise ValueError("save_pretrained writes a plain Llama: pass llama.merge_lora(model)")
+        raise ValueError(
+            "save_pretrained writes a plain Llama: pass model/merge.py merge_lora(model)"
+        )
     dtype = dtype or cfg.param_dtype
     with _staged(path, overwrite) as staging:
         _write_model(model, staging, dtype, bos_token_id, eos_token_id, max_shard_bytes)
