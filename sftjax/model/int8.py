@@ -8,6 +8,8 @@ than keeping a dequantised copy). Only the seven projections are quantised (abou
 Llama-2's weights); embeddings, norms and the output head stay in bf16.
 """
 
+import functools
+
 import jax
 import jax.numpy as jnp
 
@@ -37,13 +39,16 @@ def quantize_blocks(layers: dict, shardings: dict, stacked: bool) -> dict:
     placed in `shardings` (the same subtree of the int8 model's shardings), one weight at a time
     so a bf16 copy of at most one weight is alive beside the codes."""
     blocks = [(layers, shardings)] if stacked else [(layers[i], shardings[i]) for i in layers]
+    quantizers = {}  # one compiled function per weight name: every layer has its shape
     for block, block_shardings in blocks:
         for part, names in PARTS.items():
             for name in names:
-                target = (block_shardings[part][name], block_shardings[part][f"{name}_scale"])
-                quantize_one = jax.jit(
-                    lambda w, n=NUM_IN_AXES[name]: quantize(w, n, leading=int(stacked)),
-                    out_shardings=target,
-                )
-                block[part][name], block[part][f"{name}_scale"] = quantize_one(block[part][name])
+                if name not in quantizers:
+                    target = (block_shardings[part][name], block_shardings[part][f"{name}_scale"])
+                    quantizers[name] = jax.jit(
+                        functools.partial(quantize, num_in=NUM_IN_AXES[name], leading=int(stacked)),
+                        out_shardings=target,
+                    )
+                codes, scale = quantizers[name](block[part][name])
+                block[part][name], block[part][f"{name}_scale"] = codes, scale
     return layers
