@@ -24,6 +24,7 @@ from train_fixtures import (
     short_run,
     train_losses,
     wait_for_step,
+    with_random_b,
 )
 
 from sftjax import base_model, checkpoint, resume_check, sharding, train
@@ -65,15 +66,7 @@ def lora_model(cfg, mesh, *, seed: int = 0, b_scale: float = 0.0) -> llama.Llama
     base = llama.create(base_model.base_config(cfg), mesh, seed=seed)
     adapters = nnx.to_pure_dict(llama.create_adapters(cfg, mesh, seed=seed))
     if b_scale:
-        keys = iter(jax.random.split(jax.random.PRNGKey(seed + 1), 1000))
-        adapters = jax.tree_util.tree_map_with_path(
-            lambda path, x: (
-                b_scale * jax.random.normal(next(keys), x.shape, x.dtype)
-                if path[-1].key == "b"
-                else x
-            ),
-            adapters,
-        )
+        adapters = with_random_b(adapters, seed + 1, b_scale)
     graphdef, _, _ = train.split(llama.abstract(cfg, mesh))
     return nnx.merge(graphdef, adapters, nnx.to_pure_dict(nnx.state(base)))
 

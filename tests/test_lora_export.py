@@ -13,7 +13,7 @@ import pytest
 import safetensors.numpy
 from flax import nnx
 from hf_fixtures import hf_logits, make_hf_llama, our_logits
-from train_fixtures import config_with, demo_corpus, short_run
+from train_fixtures import config_with, demo_corpus, short_run, with_random_b
 
 from sftjax import base_model, loop, sharding
 from sftjax import config as config_lib
@@ -52,20 +52,6 @@ def lora_values(hf_dir, **extra) -> dict:
         "model.attention": "xla",
         **extra,
     }
-
-
-def with_random_b(adapters: dict, seed: int) -> dict:
-    """`adapters` with every B drawn from N(0, 0.3²) in its own sharding (A stays as drawn)."""
-    flat, treedef = jax.tree_util.tree_flatten_with_path(adapters)
-    key = jax.random.key(seed)
-    leaves = []
-    for i, (path, x) in enumerate(flat):
-        if path[-1].key == "b":
-            x = jax.device_put(
-                0.3 * jax.random.normal(jax.random.fold_in(key, i), x.shape, x.dtype), x.sharding
-            )
-        leaves.append(x)
-    return jax.tree.unflatten(treedef, leaves)
 
 
 def lora_model(hf_dir, mesh, seed: int = 0, **extra) -> llama.Llama:

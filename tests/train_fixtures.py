@@ -156,3 +156,18 @@ def wait_for_step(workdir, step: int, processes, timeout: float = 240) -> None:
             return
         time.sleep(0.05)
     raise TimeoutError(f"step {step} not reached")
+
+
+def with_random_b(adapters: dict, seed: int, scale: float = 0.3) -> dict:
+    """`adapters` with every B drawn from N(0, scale²) in its own sharding (A stays as drawn):
+    a zero B would make any LoRA comparison unable to fail."""
+    flat, treedef = jax.tree_util.tree_flatten_with_path(adapters)
+    key = jax.random.key(seed)
+    leaves = []
+    for i, (path, x) in enumerate(flat):
+        if path[-1].key == "b":
+            x = jax.device_put(
+                scale * jax.random.normal(jax.random.fold_in(key, i), x.shape, x.dtype), x.sharding
+            )
+        leaves.append(x)
+    return jax.tree.unflatten(treedef, leaves)
