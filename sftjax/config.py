@@ -184,13 +184,13 @@ def _get(config, dotted: str):
 
 def key_errors(config: ml_collections.ConfigDict, section: str = "") -> list[str]:
     """One line per key (of `section`, e.g. "data", or all) outside its CHOICES or RANGES."""
-    errors = []
+    errors, prefix = [], f"{section}." if section else ""
     for key, allowed in CHOICES.items():
-        if key.startswith(section) and _get(config, key) not in allowed:
+        if key.startswith(prefix) and _get(config, key) not in allowed:
             errors.append(f"config.{key}={_get(config, key)!r}: choose one of {allowed}")
     for key, allowed in RANGES.items():
         value = _get(config, key)
-        if key.startswith(section) and not allowed.allows(value):
+        if key.startswith(prefix) and not allowed.allows(value):
             errors.append(f"config.{key}={value!r}: {allowed.why or f'must be {allowed}'}")
     return errors
 
