@@ -195,9 +195,10 @@ def key_errors(config: ml_collections.ConfigDict, section: str = "") -> list[str
     return errors
 
 
-def validate_section(config: ml_collections.ConfigDict, section: str) -> None:
-    """Raise InvalidConfig if a key of `section` is outside its choices or range (for commands
-    that read one section, e.g. the data report)."""
+def validate_keys(config: ml_collections.ConfigDict, section: str = "") -> None:
+    """Raise InvalidConfig if a key (of `section`, or any) is outside its choices or range: for
+    commands that check the keys before their own work (the demo writes data, the report reads
+    only the data section)."""
     errors = key_errors(config, section)
     if errors:
         raise InvalidConfig(errors)

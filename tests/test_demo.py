@@ -48,3 +48,19 @@ def test_demo_learns_to_follow_unseen_instructions(tmp_path):
     assert len(set(tasks)) == 10 and min(tasks.count(t) for t in set(tasks)) >= 20
     assert results["accuracy"]["overall"] >= ACCURACY_FLOOR, results["accuracy"]
     assert "held-out exact match" in done.stdout and (workdir / "hf_export/config.json").exists()
+
+
+def test_demo_refuses_a_key_out_of_range_before_writing_anything(tmp_path):
+    done = subprocess.run(
+        [sys.executable, "-m", "sftjax.demo", f"--workdir={tmp_path / 'demo'}"]
+        + ["--config.train.batch_size=0"],
+        cwd=ROOT,
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
+    assert done.returncode == 2, done.stderr[-3000:]
+    assert done.stderr.strip().splitlines() == [
+        "error: invalid config: config.train.batch_size=0: must be an integer >= 1"
+    ]
+    assert not (tmp_path / "demo").exists()

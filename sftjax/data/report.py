@@ -120,7 +120,7 @@ def main(argv: Sequence[str]) -> None:
     """Print the report; exit 2 where training would refuse the data."""
     del argv
     cli.setup_logging()
-    config_lib.validate_section(_CONFIG.value, "data")
+    config_lib.validate_keys(_CONFIG.value, "data")
     data = _CONFIG.value.data
     text, report = build_report(data, tokenize.load_tokenizer(data.tokenizer), _HISTOGRAM.value)
     print(text)
