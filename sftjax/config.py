@@ -45,7 +45,7 @@ class Range:
     also: tuple = ()
     why: str = ""  # said instead of the range where the range alone would not explain it
 
-    def allows(self, value) -> bool:
+    def allows(self, value: object) -> bool:
         if value in self.also and not isinstance(value, bool):
             return True
         if isinstance(value, bool) or not isinstance(value, int if self.integer else (int, float)):
@@ -75,7 +75,7 @@ NON_NEGATIVE_INT = Range(low=0, integer=True)  # 0 means "off" or "default" (see
 POSITIVE = Range(low=0, open_low=True)
 NON_NEGATIVE = Range(low=0)
 FRACTION = Range(low=0, high=1)
-DECAY = Range(low=0, high=1, open_high=True)  # Adam's betas, dropout: 1 would never move
+DECAY = Range(low=0, high=1, open_high=True)  # Adam's betas (1: never forget), dropout (1: all)
 MESH_AXIS = Range(low=1, integer=True, also=(-1,))
 
 # Every numeric key of configs/base.py and its range.
@@ -130,12 +130,8 @@ class InvalidConfig(ConfigError):
 
     def __init__(self, problems: Sequence[str]):
         self.problems = list(problems)
-        lines = self.problems
-        super().__init__(
-            "invalid config: " + lines[0]
-            if len(lines) == 1
-            else "invalid config:\n  " + "\n  ".join(lines)
-        )
+        one = len(self.problems) == 1
+        super().__init__("invalid config:" + (" " if one else "\n  ") + "\n  ".join(problems))
 
 
 def model_config(model: ml_collections.ConfigDict) -> llama.LlamaConfig:

@@ -3,10 +3,10 @@
 Owns: ten task types with several phrasings each, the split (by instruction text: a test
 instruction never appears in training; phrasings are shared; no validation prompt is one the
 trainer's leakage check would call a near-duplicate of a training prompt, so the demo's own
-data raises no warning), and a byte-level BPE tokenizer
-where every whitespace character and every digit is its own token (plain BPE that merges
-digits and spaces breaks copying and arithmetic at this model size) and each Alpaca template
-header is one token (examples shrink from ~40 to ~26 tokens).
+data raises no warning), and a byte-level BPE tokenizer where every whitespace character and
+every digit is its own token (plain BPE that merges digits and spaces breaks copying and
+arithmetic at this model size) and each Alpaca template header is one token (examples shrink
+from ~40 to ~26 tokens).
 """
 
 import json

@@ -146,7 +146,7 @@ def _integer(literal: str) -> int | _LongInteger:
 
 _DECODER = json.JSONDecoder(parse_int=_integer)
 _LONE_SURROGATE = re.compile("[\ud800-\udfff]")  # a valid pair decodes to one character
-TOO_DEEP_DETAIL = "more levels of [ ] or { } than Python's JSON reader allows"
+_TOO_DEEP_DETAIL = "more levels of [ ] or { } than Python's JSON reader allows"
 
 
 def _kind(value: Any) -> str:
@@ -189,7 +189,7 @@ def _scan_jsonl(data: bytes) -> Iterator[tuple[int, Any]]:
         except json.JSONDecodeError as e:
             yield number, _BadRow("row", INVALID_JSON, f"{e.msg} at column {e.colno}")
         except RecursionError:
-            yield number, _BadRow("row", TOO_DEEP, TOO_DEEP_DETAIL)
+            yield number, _BadRow("row", TOO_DEEP, _TOO_DEEP_DETAIL)
 
 
 _FIRST_ON_LINE = re.compile(r"^([ \t\r]*)\S", re.MULTILINE)
@@ -256,7 +256,7 @@ def _scan_json_array(text: str, path: str) -> Iterator[tuple[int, Any]]:
             element, end = _DECODER.raw_decode(text, pos)
         except (json.JSONDecodeError, RecursionError) as e:
             if isinstance(e, RecursionError):
-                lineno, reason, why = line_at(pos), TOO_DEEP, TOO_DEEP_DETAIL
+                lineno, reason, why = line_at(pos), TOO_DEEP, _TOO_DEEP_DETAIL
             else:
                 lineno, reason, why = e.lineno, INVALID_JSON, f"{e.msg} at column {e.colno}"
             yield lineno, _BadRow("row", reason, why)
