@@ -292,6 +292,11 @@ def _shape_errors(
                 f"config.data.seq_len={config.data.seq_len} exceeds the model's max_seq_len="
                 f"{cfg.max_seq_len}; lower data.seq_len"
             )
+        if config.eval.prompts and config.eval.max_new_tokens >= cfg.max_seq_len:
+            errors.append(  # else the first evaluation fails, after training started
+                f"config.eval.max_new_tokens={config.eval.max_new_tokens} leaves no room for "
+                f"eval.prompts in the model's max_seq_len={cfg.max_seq_len}; lower it"
+            )
     return errors
 
 

@@ -132,6 +132,13 @@ def test_every_problem_is_listed_and_none_divides_by_zero(files):
     ]
 
 
+def test_answers_longer_than_the_model_are_refused_before_training(files):
+    values = {**files, "eval.prompts": ("Say hi.",), "eval.max_new_tokens": 512}
+    with pytest.raises(config_lib.InvalidConfig, match="max_new_tokens=512 leaves no room for"):
+        config_lib.validate(config_with(values), num_devices=8)  # the tiny preset: 512 tokens
+    config_lib.validate(config_with({**values, "eval.prompts": ()}), num_devices=8)  # unused
+
+
 def test_no_validation_data_is_refused_before_reading(files):
     values = {**files, "data.validation_fraction": 0.0}
     with pytest.raises(config_lib.InvalidConfig, match="validation_fraction=0 and no data.valid"):
