@@ -1,9 +1,14 @@
 """Config validation and derived values. Defaults live in configs/base.py, never here.
 
 `validate(config, num_devices)` runs before anything compiles and reports every problem at
-once, one line each, saying how to fix it. `model_config(config.model)` is the one place the
-config becomes a `LlamaConfig`.
+once, one line each, saying how to fix it: first every key with a set of values (`CHOICES`) or
+a range (`RANGES`), then what depends on several keys, the devices and the files.
+`model_config(config.model)` is the one place the config becomes a `LlamaConfig`.
 """
+
+import dataclasses
+import math
+from collections.abc import Sequence
 
 import ml_collections
 
@@ -23,6 +28,92 @@ CHOICES = {
     "data.bad_rows": ("fail", "skip"),
     "data.leakage": ("warn", "drop", "fail"),
     "data.overlong": ("drop", "truncate_prompt", "truncate_history"),
+    "checkpoint.export_dtype": ("float32", "bfloat16", "float16"),  # what safetensors and HF load
+}
+
+
+@dataclasses.dataclass(frozen=True)
+class Range:
+    """The values a numeric key allows: finite, an integer if `integer`, within the bounds
+    (`open_low` / `open_high` exclude the bound itself), or one of `also` (e.g. -1 = the rest)."""
+
+    low: float = -math.inf
+    high: float = math.inf
+    integer: bool = False
+    open_low: bool = False
+    open_high: bool = False
+    also: tuple = ()
+    why: str = ""  # said instead of the range where the range alone would not explain it
+
+    def allows(self, value: object) -> bool:
+        if value in self.also and not isinstance(value, bool):
+            return True
+        if isinstance(value, bool) or not isinstance(value, int if self.integer else (int, float)):
+            return False
+        if not math.isfinite(value):
+            return False
+        above = value > self.low if self.open_low else value >= self.low
+        below = value < self.high if self.open_high else value <= self.high
+        return above and below
+
+    def __str__(self) -> str:
+        kind = "an integer" if self.integer else "a finite number"
+        if math.isfinite(self.low) and math.isfinite(self.high):
+            bounds = (
+                f"in {'(' if self.open_low else '['}{self.low:g}, {self.high:g}"
+                f"{')' if self.open_high else ']'}"
+            )
+        elif math.isfinite(self.low):
+            bounds = f"{'>' if self.open_low else '>='} {self.low:g}"
+        else:
+            bounds = f"{'<' if self.open_high else '<='} {self.high:g}"
+        return f"{kind} {bounds}" + "".join(f", or {a}" for a in self.also)
+
+
+COUNT = Range(low=1, integer=True)  # sizes, periods, counts of things: at least one
+NON_NEGATIVE_INT = Range(low=0, integer=True)  # 0 means "off" or "default" (see base.py)
+POSITIVE = Range(low=0, open_low=True)
+NON_NEGATIVE = Range(low=0)
+FRACTION = Range(low=0, high=1)
+DECAY = Range(low=0, high=1, open_high=True)  # Adam's betas (1: never forget), dropout (1: all)
+MESH_AXIS = Range(low=1, integer=True, also=(-1,))
+
+# Every numeric key of configs/base.py and its range.
+RANGES = {
+    "model.vocab_size": NON_NEGATIVE_INT,
+    "model.lora.rank": NON_NEGATIVE_INT,
+    "model.lora.alpha": POSITIVE,
+    "model.lora.dropout": DECAY,
+    "optim.lr": POSITIVE,
+    "optim.warmup_ratio": FRACTION,
+    "optim.end_lr_ratio": FRACTION,
+    "optim.weight_decay": NON_NEGATIVE,
+    "optim.b1": DECAY,
+    "optim.b2": DECAY,
+    "optim.eps": POSITIVE,
+    "optim.grad_clip_norm": NON_NEGATIVE,
+    "train.batch_size": COUNT,
+    "train.microbatches": COUNT,
+    "train.num_steps": NON_NEGATIVE_INT,
+    "train.seed": NON_NEGATIVE_INT,
+    "train.log_every_steps": COUNT,
+    "train.peak_tflops_per_device": NON_NEGATIVE,
+    "eval.every_steps": COUNT,
+    "eval.batch_size": COUNT,
+    "eval.patience": COUNT,
+    "eval.min_delta": NON_NEGATIVE,
+    "eval.max_new_tokens": COUNT,
+    "mesh.data": MESH_AXIS,
+    "mesh.fsdp": MESH_AXIS,
+    "mesh.tensor": MESH_AXIS,
+    "checkpoint.max_to_keep": dataclasses.replace(
+        COUNT, why="keep at least 1 checkpoint (the newest is what a restart resumes from)"
+    ),
+    "data.validation_fraction": Range(low=0, high=1, open_high=True),
+    "data.seq_len": COUNT,
+    "data.packing_bins": COUNT,
+    "data.shuffle_seed": NON_NEGATIVE_INT,  # numpy refuses negative seeds
+    "data.num_epochs": COUNT,
 }
 
 
@@ -32,6 +123,15 @@ TOKENIZER_FILES = ("tokenizer.json", "tokenizer.model", "vocab.json")
 
 class ConfigError(ValueError):
     """One or more config problems, each on its own line with the fix."""
+
+
+class InvalidConfig(ConfigError):
+    """What `validate` found: `problems`, one line each (one problem: one line in all)."""
+
+    def __init__(self, problems: Sequence[str]):
+        self.problems = list(problems)
+        one = len(self.problems) == 1
+        super().__init__("invalid config:" + (" " if one else "\n  ") + "\n  ".join(problems))
 
 
 def model_config(model: ml_collections.ConfigDict) -> llama.LlamaConfig:
@@ -78,13 +178,74 @@ def _get(config, dotted: str):
     return node
 
 
-def validate(config: ml_collections.ConfigDict, num_devices: int, num_processes: int = 1) -> None:
-    """Raise ConfigError listing every problem (before any file is tokenized or compiled)."""
-    errors = []
+def key_errors(config: ml_collections.ConfigDict, section: str = "") -> list[str]:
+    """One line per key (of `section`, e.g. "data", or all) outside its CHOICES or RANGES."""
+    errors, prefix = [], f"{section}." if section else ""
     for key, allowed in CHOICES.items():
-        if _get(config, key) not in allowed:
+        if key.startswith(prefix) and _get(config, key) not in allowed:
             errors.append(f"config.{key}={_get(config, key)!r}: choose one of {allowed}")
+    for key, allowed in RANGES.items():
+        value = _get(config, key)
+        if key.startswith(prefix) and not allowed.allows(value):
+            errors.append(f"config.{key}={value!r}: {allowed.why or f'must be {allowed}'}")
+    return errors
 
+
+def validate_keys(config: ml_collections.ConfigDict, section: str = "") -> None:
+    """Raise InvalidConfig if a key (of `section`, or any) is outside its choices or range: for
+    commands that check the keys before their own work (the demo writes data, the report reads
+    only the data section)."""
+    errors = key_errors(config, section)
+    if errors:
+        raise InvalidConfig(errors)
+
+
+def validate(config: ml_collections.ConfigDict, num_devices: int, num_processes: int = 1) -> None:
+    """Raise InvalidConfig listing every problem (before any file is tokenized or compiled)."""
+    errors = key_errors(config)
+    numbers_ok = not errors  # the shape checks divide by and compare the keys' values
+    errors += _file_errors(config)
+    if numbers_ok:
+        errors += _shape_errors(config, num_devices, num_processes)
+    if errors:
+        raise InvalidConfig(errors)
+
+
+def _file_errors(config: ml_collections.ConfigDict) -> list[str]:
+    """Data files, tokenizer and chat template that are not there."""
+    errors = []
+    for key in ("data.train_files", "data.validation_files"):
+        errors += _data_file_errors(key, str(_get(config, key)))
+    if not config.data.validation_files and not config.data.validation_fraction:
+        errors.append(
+            "config.data.validation_fraction=0 and no data.validation_files: nothing to "
+            "validate on; give validation files or a fraction in (0, 1)"
+        )
+    tokenizer = paths.resolve(config.data.tokenizer or "/nonexistent")
+    if not tokenizer.is_dir():
+        errors.append(
+            f"config.data.tokenizer={config.data.tokenizer!r}: not a directory; give a local "
+            "Hugging Face tokenizer directory (tokenizer.json / tokenizer.model)"
+        )
+    elif not any((tokenizer / name).exists() for name in TOKENIZER_FILES):
+        errors.append(
+            f"config.data.tokenizer={config.data.tokenizer!r}: holds none of "
+            f"{', '.join(TOKENIZER_FILES)}; give the directory a Hugging Face tokenizer was "
+            "saved to"
+        )
+    if config.data.chat_template and not paths.resolve(config.data.chat_template).is_file():
+        errors.append(
+            f"config.data.chat_template={config.data.chat_template!r}: no such file; give a "
+            ".jinja chat template or leave it empty to use the tokenizer's"
+        )
+    return errors
+
+
+def _shape_errors(
+    config: ml_collections.ConfigDict, num_devices: int, num_processes: int
+) -> list[str]:
+    """The mesh against the devices, the batch sizes and the model's shapes."""
+    errors = []
     try:
         data, fsdp, tensor = sharding.mesh_shape(dict(config.mesh), num_devices)
     except ValueError as e:
@@ -104,35 +265,6 @@ def validate(config: ml_collections.ConfigDict, num_devices: int, num_processes:
                 f"config.{name}={size} must be divisible by mesh data×fsdp ({batch_shards}) "
                 f"and by the number of processes ({num_processes})"
             )
-    if ev.every_steps < 1 or ev.patience < 1:
-        errors.append("config.eval.every_steps and config.eval.patience must be >= 1")
-
-    if config.checkpoint.max_to_keep < 1:
-        errors.append(
-            f"config.checkpoint.max_to_keep={config.checkpoint.max_to_keep}: keep at least 1 "
-            "checkpoint (the newest is what a restart resumes from)"
-        )
-
-    for key in ("data.train_files", "data.validation_files"):
-        errors += _data_file_errors(key, str(_get(config, key)))
-    tokenizer = paths.resolve(config.data.tokenizer or "/nonexistent")
-    if not tokenizer.is_dir():
-        errors.append(
-            f"config.data.tokenizer={config.data.tokenizer!r}: not a directory; give a local "
-            "Hugging Face tokenizer directory (tokenizer.json / tokenizer.model)"
-        )
-    elif not any((tokenizer / name).exists() for name in TOKENIZER_FILES):
-        errors.append(
-            f"config.data.tokenizer={config.data.tokenizer!r}: holds none of "
-            f"{', '.join(TOKENIZER_FILES)}; give the directory a Hugging Face tokenizer was "
-            "saved to"
-        )
-    if config.data.chat_template and not paths.resolve(config.data.chat_template).is_file():
-        errors.append(
-            f"config.data.chat_template={config.data.chat_template!r}: no such file; give a "
-            ".jinja chat template or leave it empty to use the tokenizer's"
-        )
-
     try:
         cfg = model_config(config.model)
         if config.model.hf_path:  # refuse pickle-only weights now, not after tokenizing
@@ -160,8 +292,12 @@ def validate(config: ml_collections.ConfigDict, num_devices: int, num_processes:
                 f"config.data.seq_len={config.data.seq_len} exceeds the model's max_seq_len="
                 f"{cfg.max_seq_len}; lower data.seq_len"
             )
-    if errors:
-        raise ConfigError("invalid config:\n  " + "\n  ".join(errors))
+        if config.eval.prompts and config.eval.max_new_tokens >= cfg.max_seq_len:
+            errors.append(  # else the first evaluation fails, after training started
+                f"config.eval.max_new_tokens={config.eval.max_new_tokens} leaves no room for "
+                f"eval.prompts in the model's max_seq_len={cfg.max_seq_len}; lower it"
+            )
+    return errors
 
 
 def sharding_rules(config: ml_collections.ConfigDict) -> sharding.Rules:

@@ -108,6 +108,7 @@ def main(argv) -> None:
     start = time.perf_counter()
     workdir = pathlib.Path(_WORKDIR.value or f"runs/demo-{time.strftime('%Y%m%d-%H%M%S')}")
     config = _CONFIG.value
+    config_lib.validate_keys(config)  # before any data is written (the rest needs the data)
     with workdir_lock.hold(workdir):
         test = prepare(
             workdir,

@@ -1,10 +1,12 @@
 """Synthetic instruction data and a tiny tokenizer for the built-in demo (no downloads).
 
 Owns: ten task types with several phrasings each, the split (by instruction text: a test
-instruction never appears in training; phrasings are shared), and a byte-level BPE tokenizer
-where every whitespace character and every digit is its own token (plain BPE that merges
-digits and spaces breaks copying and arithmetic at this model size) and each Alpaca template
-header is one token (examples shrink from ~40 to ~26 tokens).
+instruction never appears in training; phrasings are shared; no validation prompt is one the
+trainer's leakage check would call a near-duplicate of a training prompt, so the demo's own
+data raises no warning), and a byte-level BPE tokenizer where every whitespace character and
+every digit is its own token (plain BPE that merges digits and spaces breaks copying and
+arithmetic at this model size) and each Alpaca template header is one token (examples shrink
+from ~40 to ~26 tokens).
 """
 
 import json
@@ -13,6 +15,8 @@ import random
 
 import tokenizers
 import transformers
+
+from sftjax.data import groups, records
 
 WORDS = (
     "apple river stone cloud tiger lemon paper glass music dream light storm honey candle "
@@ -149,8 +153,27 @@ def _row(task: str, instruction: str, response: str) -> dict:
     return {"task": task, "instruction": instruction, "response": response}
 
 
+REDRAWS = 5  # rounds of replacing leaking validation rows; what still leaks then is left out
+
+
+def _leaking(train: list[dict], validation: list[dict]) -> set[int]:
+    """Indices of validation rows whose prompt groups.find_leaks finds among training's."""
+
+    def as_rows(rows: list[dict], name: str) -> list[records.Row]:
+        return [
+            records.Row(f"{name}:{i}", instruction=r["instruction"], response=r["response"])
+            for i, r in enumerate(rows)
+        ]
+
+    if not train or not validation:
+        return set()
+    leaks, _ = groups.find_leaks(as_rows(train, "t"), as_rows(validation, "v"))
+    return {int(leak.validation.removeprefix("v:")) for leak in leaks}
+
+
 def make_splits(seed: int, n_train: int, n_val: int, n_test_per_task: int):
-    """(train, validation, test) rows with pairwise disjoint instruction texts."""
+    """(train, validation, test) rows with pairwise disjoint instruction texts; no validation
+    prompt is an exact or near-duplicate (groups.find_leaks) of a training prompt."""
     rng = random.Random(seed)
     seen: set[str] = set()
 
@@ -171,7 +194,18 @@ def make_splits(seed: int, n_train: int, n_val: int, n_test_per_task: int):
     test = []
     for task in TASKS:  # test first, so every task gets its quota of unseen instructions
         test += draw(n_test_per_task, (task,))
-    return draw(n_train, TASKS), draw(n_val, TASKS), test
+    train, validation = draw(n_train, TASKS), draw(n_val, TASKS)
+    for redraw in range(REDRAWS + 1):  # templated tasks: "uppercase: shadow honey" vs "...: shadow"
+        leaking = _leaking(train, validation)
+        if not leaking or redraw == REDRAWS:
+            break
+        # Each leaking row is replaced in place by a fresh one of its task (none if exhausted).
+        validation = [
+            new
+            for i, row in enumerate(validation)
+            for new in (draw(1, (row["task"],)) if i in leaking else [row])
+        ]
+    return train, [r for i, r in enumerate(validation) if i not in leaking], test
 
 
 def write_jsonl(rows: list[dict], path: pathlib.Path) -> pathlib.Path:

@@ -176,12 +176,11 @@ def check_config(config: ml_collections.ConfigDict, chips: int) -> None:
     """config.validate minus the checks on local data paths, which a plan does not read."""
     try:
         config_lib.validate(config, chips)
-    except config_lib.ConfigError as e:
+    except config_lib.InvalidConfig as e:
         paths = ("config.data.train_files", "config.data.validation_files", "config.data.tokenizer")
-        problems = [p.strip() for p in str(e).splitlines()[1:]]
-        problems = [p for p in problems if not p.startswith(paths)]
+        problems = [p for p in e.problems if not p.startswith(paths)]
         if problems:
-            raise config_lib.ConfigError("invalid config:\n  " + "\n  ".join(problems)) from None
+            raise config_lib.InvalidConfig(problems) from None
 
 
 def without_placeholder_weights(config: ml_collections.ConfigDict, report=print):
@@ -290,7 +289,8 @@ def plan(config, target: Target, *, search: bool = True, report=print) -> list[P
         try:
             candidate = compile_plan(changed, where, change)
         except config_lib.ConfigError as e:
-            report(f"{change}: not possible ({str(e).splitlines()[-1].strip()})")
+            why = e.problems[-1] if isinstance(e, config_lib.InvalidConfig) else str(e)
+            report(f"{change}: not possible ({why})")
             continue
         report(candidate.line())
         plans.append(candidate)

@@ -1,4 +1,5 @@
-"""The README's main command, end to end, as a user runs it: one CPU device, no shared data."""
+"""The README's main command, end to end, as a user runs it: one CPU device, no shared data,
+no PyTorch (the runtime install has none)."""
 
 import json
 import os
@@ -11,6 +12,11 @@ from sftjax import metrics
 
 # The issue's floor for held-out exact match (chance is ~17 %: first letters, small counts).
 ACCURACY_FLOOR = 0.40
+# `python -m sftjax.demo` where `import torch` fails, as it does in the runtime install.
+WITHOUT_TORCH = (
+    "import runpy, sys; sys.modules['torch'] = None; runpy.run_module('sftjax.demo', "
+    "run_name='__main__', alter_sys=True)"
+)
 
 
 def test_demo_learns_to_follow_unseen_instructions(tmp_path):
@@ -18,7 +24,7 @@ def test_demo_learns_to_follow_unseen_instructions(tmp_path):
     env["JAX_DISABLE_MOST_OPTIMIZATIONS"] = "0"  # measure the demo users get, at full speed
     workdir = tmp_path / "demo"
     done = subprocess.run(
-        [sys.executable, "-m", "sftjax.demo", f"--workdir={workdir}"],
+        [sys.executable, "-c", WITHOUT_TORCH, f"--workdir={workdir}"],
         cwd=ROOT,
         env=env,
         capture_output=True,
@@ -27,6 +33,9 @@ def test_demo_learns_to_follow_unseen_instructions(tmp_path):
     )
     assert done.returncode == 0, done.stderr[-4000:]
     print(done.stdout)
+    # Nothing about the demo's own data or a PyTorch it does not use: its split has no leaks.
+    assert "PyTorch was not found" not in done.stderr and "leak into" not in done.stderr
+    assert "leakage: 0 of 200 validation rows" in done.stderr
 
     results = json.loads((workdir / "demo_results.json").read_text())
     evals = [r for r in metrics.read_records(workdir / "metrics.jsonl") if r["split"] == "eval"]
@@ -39,3 +48,19 @@ def test_demo_learns_to_follow_unseen_instructions(tmp_path):
     assert len(set(tasks)) == 10 and min(tasks.count(t) for t in set(tasks)) >= 20
     assert results["accuracy"]["overall"] >= ACCURACY_FLOOR, results["accuracy"]
     assert "held-out exact match" in done.stdout and (workdir / "hf_export/config.json").exists()
+
+
+def test_demo_refuses_a_key_out_of_range_before_writing_anything(tmp_path):
+    done = subprocess.run(
+        [sys.executable, "-m", "sftjax.demo", f"--workdir={tmp_path / 'demo'}"]
+        + ["--config.train.batch_size=0"],
+        cwd=ROOT,
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
+    assert done.returncode == 2, done.stderr[-3000:]
+    assert done.stderr.strip().splitlines() == [
+        "error: invalid config: config.train.batch_size=0: must be an integer >= 1"
+    ]
+    assert not (tmp_path / "demo").exists()

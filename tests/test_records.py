@@ -254,3 +254,33 @@ def test_shared_alpaca_has_exactly_two_empty_outputs():
         f"{path}:9297: output: empty field",
     ]
     assert report.rows_read == 2017
+
+
+# Valid JSON that Python's reader or the tokenizer cannot take: each is a bad row, not a crash.
+LONE_SURROGATE = '{"instruction": "x\\ud800y", "response": "ok"}'  # the escape, not a character
+LONG_RESPONSE = '{"instruction": "a", "response": ' + "7" * 5000 + "}"  # > 4300 digits
+LONG_UNUSED = '{"instruction": "b", "response": "c", "id": -' + "9" * 5000 + "}"  # kept
+DEEP = "[" * 100_000 + "]" * 100_000
+DEEP_FIELD = '{"instruction": "d", "response": ' + "[" * 100_000 + "]" * 100_000 + "}"
+HOSTILE = [json.dumps(GOOD), LONE_SURROGATE, LONG_RESPONSE, LONG_UNUSED, DEEP, DEEP_FIELD]
+
+
+@pytest.mark.parametrize("layout", ["jsonl", "array"])
+def test_valid_json_python_cannot_take_is_a_bad_row(tmp_path, layout):
+    if layout == "jsonl":  # rows on lines 1-6
+        path = _write(tmp_path / "rows.jsonl", "\n".join(HOSTILE) + "\n")
+    else:  # "[" on line 1, rows on lines 2-7
+        path = _write(tmp_path / "rows.json", "[\n" + ",\n".join(HOSTILE) + "\n]\n")
+    first = 1 if layout == "jsonl" else 2
+    rows, report = records.read_records(path, bad_rows="skip")
+    assert [(r.instruction, r.response) for r in rows] == [("Add", "3"), ("b", "c")]
+    deep = "row: nested too deeply (more levels of [ ] or { } than Python's JSON reader allows)"
+    assert report.problems == [
+        f"{path}:{first + 1}: instruction: invalid Unicode (lone surrogate \\ud800 at character 1)",
+        f"{path}:{first + 2}: response: not a string (int of 5000 digits)",
+        f"{path}:{first + 4}: {deep}",
+        f"{path}:{first + 5}: {deep}",
+    ]
+    assert report.rows_read == 6 and report.bad_rows == 4
+    with pytest.raises(records.BadRowsError, match="4 bad row"):
+        records.read_records(path, bad_rows="fail")

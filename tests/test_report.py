@@ -1,4 +1,4 @@
-"""report.py: the CLI prints every section and exits non-zero where training would refuse."""
+"""report.py: the CLI prints every section and exits 2 where training would refuse."""
 
 import json
 import pathlib
@@ -29,7 +29,7 @@ def test_report_on_alpaca_fails_on_the_two_empty_outputs(tmp_path):
     path = shared_path("alpaca") / "code_alpaca_2k.json"
     png = tmp_path / "lengths.png"
     result = _report(str(path), histogram=str(png))
-    assert result.returncode == 1, result.stderr
+    assert result.returncode == 2, result.stderr
     out = result.stdout
     assert f"{path}:1187: output: empty field" in out and "bad rows, empty field: 2" in out
     assert "rows read: 2017" in out and "duplicates: 0" in out
@@ -77,7 +77,7 @@ def test_report_names_leaks_and_groups_and_fails_like_training(tmp_path):
     t, v = tmp_path / "t.jsonl", tmp_path / "v.jsonl"
     flags = (f"--config.data.validation_files={v}", "--config.data.leakage=fail")
     result = _report(str(t), *flags, "--config.data.seq_len=64")
-    assert result.returncode == 1 and "leakage='fail' and 2 leaking" in result.stderr
+    assert result.returncode == 2 and "leakage='fail' and 2 leaking" in result.stderr
     out = result.stdout
     assert "leakage: 2 of 3 validation rows have an exact or near-duplicate prompt" in out
     assert f"  {v}:1: same prompt as {t}:1" in out
@@ -85,3 +85,31 @@ def test_report_names_leaks_and_groups_and_fails_like_training(tmp_path):
     assert f"  {v}:2: near-duplicate (J=0.87) of {t}:1" in out
     assert f"  3: {t}:1, {v}:1, {v}:2" in out and f"  2: {t}:2, {t}:3" in out
     assert "task mix (leading word of the instruction): describe 50.0 %, name 33.3 %" in out
+
+
+def test_rows_python_cannot_read_are_reported_and_refused_in_one_line(tmp_path):
+    rows = [json.dumps({"instruction": f"Q{i}", "output": f"A{i}"}) for i in range(5)]
+    surrogate = '{"instruction": "x\\udc00", "output": "y"}'
+    deep = '{"instruction": "z", "output": ' + "[" * 100_000 + "]" * 100_000 + "}"
+    long_int = '{"instruction": "n", "output": ' + "1" * 5000 + "}"
+    jsonl, array = tmp_path / "rows.jsonl", tmp_path / "rows.json"
+    jsonl.write_text("\n".join([*rows, surrogate, deep]))
+    array.write_text("[\n" + ",\n".join([long_int, rows[0].replace("Q0", "Q9")]) + "\n]")
+    result = _report(f"{jsonl},{array}", "--config.data.seq_len=64")
+    assert result.returncode == 2 and "Traceback" not in result.stderr, result.stderr[-3000:]
+    out = result.stdout
+    assert "rows read: 9; kept: 6; bad: 3" in out
+    assert f"{jsonl}:6: instruction: invalid Unicode (lone surrogate \\udc00 at character 1)" in out
+    assert f"{jsonl}:7: row: nested too deeply" in out
+    assert f"{array}:2: output: not a string (int of 5000 digits)" in out
+    assert result.stderr.splitlines()[-1] == (
+        "bad_rows='fail' and 3 bad row(s): training would stop here"
+    )
+
+
+def test_data_key_out_of_range_is_one_line_before_reading(tmp_path):
+    result = _report(str(tmp_path / "never_read.jsonl"), "--config.data.packing_bins=0")
+    assert result.returncode == 2
+    assert result.stderr.strip().splitlines() == [
+        "error: invalid config: config.data.packing_bins=0: must be an integer >= 1"
+    ]

@@ -15,6 +15,7 @@ import dataclasses
 import json
 import os
 import re
+import sys
 from collections.abc import Iterator, Sequence
 from typing import Any
 
@@ -27,6 +28,8 @@ MAX_DUPLICATES = 5  # duplicate locations quoted in the report
 # Reasons a row is bad. The report counts rows by these exact strings.
 INVALID_JSON = "invalid JSON"
 INVALID_UTF8 = "invalid UTF-8"
+INVALID_UNICODE = "invalid Unicode"  # a lone surrogate escape ("\ud800"): no text has one
+TOO_DEEP = "nested too deeply"  # deeper than Python's JSON reader goes (~1000 levels)
 NOT_OBJECT = "not a JSON object"
 MISSING = "missing field"  # absent or null
 EMPTY = "empty field"  # "" or whitespace only
@@ -127,6 +130,32 @@ class _BadRow(Exception):
         self.field, self.reason, self.detail = field, reason, detail
 
 
+@dataclasses.dataclass(frozen=True)
+class _LongInteger:
+    """An integer literal longer than Python converts (sys.get_int_max_str_digits(), a guard
+    against quadratic-time parsing): kept unconverted, so only a row that uses it as a field is
+    bad, and for that field."""
+
+    digits: int
+
+
+def _integer(literal: str) -> int | _LongInteger:
+    digits = len(literal.lstrip("-"))
+    return _LongInteger(digits) if digits > sys.get_int_max_str_digits() else int(literal)
+
+
+_DECODER = json.JSONDecoder(parse_int=_integer)
+_LONE_SURROGATE = re.compile("[\ud800-\udfff]")  # a valid pair decodes to one character
+_TOO_DEEP_DETAIL = "more levels of [ ] or { } than Python's JSON reader allows"
+
+
+def _kind(value: Any) -> str:
+    """The JSON type of a value, for reports."""
+    if isinstance(value, _LongInteger):
+        return f"int of {value.digits} digits"
+    return type(value).__name__
+
+
 def expand_paths(spec: str | Sequence[str]) -> list[str]:
     """Files named by a comma-separated string or a list, each entry a path or a glob."""
     entries = [s.strip() for s in spec.split(",")] if isinstance(spec, str) else list(spec)
@@ -156,9 +185,11 @@ def _scan_jsonl(data: bytes) -> Iterator[tuple[int, Any]]:
             yield number, _BadRow("row", INVALID_UTF8, f"byte {e.start}")
             continue
         try:
-            yield number, json.loads(text)
+            yield number, _DECODER.decode(text)
         except json.JSONDecodeError as e:
             yield number, _BadRow("row", INVALID_JSON, f"{e.msg} at column {e.colno}")
+        except RecursionError:
+            yield number, _BadRow("row", TOO_DEEP, _TOO_DEEP_DETAIL)
 
 
 _FIRST_ON_LINE = re.compile(r"^([ \t\r]*)\S", re.MULTILINE)
@@ -167,11 +198,11 @@ _ONLY_SPACE_LEFT = re.compile(r"\s*\Z")  # matched from a position: stops at the
 
 def _next_element(text: str, start: int, indent: str | None) -> int | None:
     """Where reading can go on after a broken element: the next line that starts an element at
-    the elements' indentation and parses, or the array's final "]"; None if there is none.
+    the elements' indentation and parses (or is too deep to parse), or the array's final "]";
+    None if there is none.
 
     JSON strings cannot hold a raw newline, so a line start is never inside a string.
     """
-    decoder = json.JSONDecoder()
     for match in _FIRST_ON_LINE.finditer(text, text.rfind("\n", 0, start) + 1):
         pos = match.end() - 1
         if pos < start:
@@ -181,9 +212,11 @@ def _next_element(text: str, start: int, indent: str | None) -> int | None:
         if indent is not None and match.group(1) != indent:
             continue
         try:
-            decoder.raw_decode(text, pos)
+            _DECODER.raw_decode(text, pos)
         except json.JSONDecodeError:
             continue
+        except RecursionError:  # an element too deep to read: it is counted as one, not skipped
+            return pos
         return pos
     return None
 
@@ -194,7 +227,6 @@ def _scan_json_array(text: str, path: str) -> Iterator[tuple[int, Any]]:
     A broken element is one bad row; reading goes on at the next element (`_next_element`), so
     the rows after it are not lost. Where no next element can be found the file is refused.
     """
-    decoder = json.JSONDecoder()
     pos, line, counted = text.index("[") + 1, 1, 0
     indent = None  # what precedes an element on its line, from the first that starts a line
 
@@ -221,14 +253,17 @@ def _scan_json_array(text: str, path: str) -> Iterator[tuple[int, Any]]:
             prefix = text[text.rfind("\n", 0, pos) + 1 : pos]
             indent = prefix if not prefix.strip() else None
         try:
-            element, end = decoder.raw_decode(text, pos)
-        except json.JSONDecodeError as e:
-            why = f"{e.msg} at column {e.colno}"
-            yield e.lineno, _BadRow("row", INVALID_JSON, why)
+            element, end = _DECODER.raw_decode(text, pos)
+        except (json.JSONDecodeError, RecursionError) as e:
+            if isinstance(e, RecursionError):
+                lineno, reason, why = line_at(pos), TOO_DEEP, _TOO_DEEP_DETAIL
+            else:
+                lineno, reason, why = e.lineno, INVALID_JSON, f"{e.msg} at column {e.colno}"
+            yield lineno, _BadRow("row", reason, why)
             resume = _next_element(text, pos + 1, indent)
             if resume is None:
                 raise DataError(
-                    f"{path}:{e.lineno}: invalid JSON ({why}) and no element after it can be "
+                    f"{path}:{lineno}: {reason} ({why}) and no element after it can be "
                     "found; fix the file (bad_rows='skip' cannot skip inside a broken array)"
                 ) from None
             pos = resume
@@ -252,8 +287,8 @@ def _is_jsonl(head: bytes) -> bool:
     """A file starting with "[" is JSONL only if its first line is a whole value and more follow."""
     first, _, rest = head.partition(b"\n")
     try:
-        json.loads(first)
-    except ValueError:
+        _DECODER.decode(first.decode("utf-8"))
+    except (ValueError, RecursionError):  # UnicodeDecodeError is a ValueError
         return False
     return bool(rest.strip())
 
@@ -279,9 +314,13 @@ def _text(value: Any, field: str, *, optional: bool = False) -> str:
             return ""
         raise _BadRow(field, MISSING)
     if not isinstance(value, str):
-        raise _BadRow(field, NOT_STRING, type(value).__name__)
+        raise _BadRow(field, NOT_STRING, _kind(value))
     if not optional and not value.strip():
         raise _BadRow(field, EMPTY)
+    surrogate = _LONE_SURROGATE.search(value)
+    if surrogate:  # tokenizers cannot take it; UTF-8 cannot encode it
+        where = f"lone surrogate \\u{ord(surrogate.group()):04x} at character {surrogate.start()}"
+        raise _BadRow(field, INVALID_UNICODE, where)
     return value
 
 
@@ -310,7 +349,7 @@ def _turns(obj: dict, key: str) -> list:
     if turns is None:
         raise _BadRow(key, MISSING)
     if not isinstance(turns, list):
-        raise _BadRow(key, NOT_LIST, type(turns).__name__)
+        raise _BadRow(key, NOT_LIST, _kind(turns))
     for i, turn in enumerate(turns):
         if not isinstance(turn, dict):
             raise _BadRow(f"{key}[{i}]", NOT_OBJECT)
@@ -412,7 +451,7 @@ def read_records(
                 if isinstance(value, _BadRow):
                     raise value
                 if not isinstance(value, dict):
-                    raise _BadRow("row", NOT_OBJECT, type(value).__name__)
+                    raise _BadRow("row", NOT_OBJECT, _kind(value))
                 if report.format == "auto":
                     report.format = detect_format(value, fields)
                 row = _parse(value, source, report.format, fields)

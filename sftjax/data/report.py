@@ -8,9 +8,12 @@ template and which turns are trained, over-long examples (dropped, prompt trunca
 truncated and turns cut), prompt/response length percentiles, a response-length histogram (PNG
 at --histogram), packing efficiency and examples per packed row, and three rendered examples
 with the trained part marked ⟦like this⟧ (rendered from the token ids and loss mask themselves).
-Exits 1 where training would refuse the data: bad rows under bad_rows="fail", leaks under
-leakage="fail"; 2 with one message when the data cannot be read at all (no file, empty file,
-no rows left) or the chat template cannot give exact masks.
+Exits 0 when training would take the data (bad rows under bad_rows="skip" are counted, not a
+failure); 2, the code training exits with on the same data, when it would refuse it: bad rows
+under bad_rows="fail", leaks under leakage="fail" (the full report is printed first, then one
+line saying why), and with one message when a data.* key is out of range or the data cannot be
+read at all (no file, empty file, no rows left) or the chat template cannot give exact masks.
+Not 1: that is the code of a crash, which a script must be able to tell apart from a verdict.
 Does not own: any of the computations (records, groups, quality, tokenize and pipeline do them).
 """
 
@@ -23,6 +26,7 @@ from absl import flags
 from ml_collections import config_flags
 
 from sftjax import cli
+from sftjax import config as config_lib
 from sftjax.data import pipeline, quality, tokenize
 
 _CONFIG = config_flags.DEFINE_config_file("config", help_string="config file, e.g. configs/base.py")
@@ -113,9 +117,10 @@ def build_report(
 
 
 def main(argv: Sequence[str]) -> None:
-    """Print the report; exit 1 where training would refuse the data."""
+    """Print the report; exit 2 where training would refuse the data."""
     del argv
     cli.setup_logging()
+    config_lib.validate_keys(_CONFIG.value, "data")
     data = _CONFIG.value.data
     text, report = build_report(data, tokenize.load_tokenizer(data.tokenizer), _HISTOGRAM.value)
     print(text)
@@ -128,7 +133,7 @@ def main(argv: Sequence[str]) -> None:
         refusals.append(f"leakage='fail' and {len(report.leaks)} leaking validation row(s)")
     if refusals:
         print("; ".join(refusals) + ": training would stop here", file=sys.stderr)
-        sys.exit(1)
+        sys.exit(cli.USER_ERROR_EXIT)
 
 
 if __name__ == "__main__":
