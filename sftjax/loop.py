@@ -395,7 +395,7 @@ def _finish(run: _Run, ckpt, writer, stop_reason: str, step: int, early, frozen)
     config = run.config
     # The restored checkpoint is the lowest validation loss saved; with min_delta > 0 that can
     # be a later step than early stopping's own best (an improvement too small to reset patience).
-    best_step = ckpt.best_step()
+    best_step, best_state = ckpt.restore_best(run.abstract_state)  # a damaged one: the next
     best_loss = ckpt.val_loss(best_step)
     why = {
         "completed": f"completed {run.total_steps} steps",
@@ -409,7 +409,6 @@ def _finish(run: _Run, ckpt, writer, stop_reason: str, step: int, early, frozen)
         best_loss,
         best_step,
     )
-    best_state, _ = ckpt.restore(best_step, run.abstract_state)
     best_model = nnx.merge(run.graphdef, best_state.params, frozen)
     export_dir = None
     if config.checkpoint.export_hf:
