@@ -424,7 +424,8 @@ def _finish(run: _Run, ckpt, writer, stop_reason: str, step: int, early, frozen)
                     overwrite=True,
                 )
             export_dir = hf_export.save_pretrained(
-                merge.merge_lora(best_model, config.checkpoint.export_dtype),
+                # from the base as stored in model.hf_path, not its base_dtype copy
+                merge.merge_lora(best_model, config.checkpoint.export_dtype, config.model.hf_path),
                 run.workdir / "hf_export",
                 tokenizer_dir=config.data.tokenizer,
                 # chat_template.jinja, BOS rule and sftjax_format.json of the training format
