@@ -258,20 +258,25 @@ def test_generate_only_reads_a_workdir_and_keeps_to_the_trained_template(
     """The template file edited or deleted: the recorded text still prompts; a damaged best
     checkpoint: the other one answers and nothing in the workdir moves; too long: one line."""
     workdir, template = trained_workdir
+    ckpt = checkpoint.Checkpointer(workdir / "checkpoints", max_to_keep=5, read_only=True)
+    best, other = ckpt.steps_best_first()
+    settings = generate.training_data_config(ckpt.restore_record(best))
+    ckpt.close()
+    tok = tokenize.load_tokenizer(settings["tokenizer"])
     answer = _answer(workdir, capsys)
     template.write_text(chat_fixtures.LLAMA2_CHAT.replace("[INST]", "Q:"))
     assert _answer(workdir, capsys) == answer
     assert f"{template} is edited since training" in caplog.text
+    trained_with = generate.training_template(settings, tok, None).chat_template
+    assert trained_with == chat_fixtures.LLAMA2_CHAT
     template.unlink()
     assert _answer(workdir, capsys) == answer
+    assert generate.training_template(settings, tok, None).chat_template == trained_with
 
     for extra in ("--max_new_tokens=100000", f"--prompt={'red ' * 600}"):
         with pytest.raises(cli.USER_ERRORS, match="shorten the prompt or lower max_new_tokens"):
             _answer(workdir, capsys, extra)
 
-    ckpt = checkpoint.Checkpointer(workdir / "checkpoints", max_to_keep=5, read_only=True)
-    best, other = ckpt.steps_best_first()
-    ckpt.close()
     state_files = (workdir / "checkpoints" / str(best) / "state").rglob("d/*")
     largest = max(state_files, key=lambda p: p.stat().st_size)
     largest.write_bytes(largest.read_bytes()[: largest.stat().st_size // 2])
@@ -285,6 +290,7 @@ def test_generate_only_reads_a_workdir_and_keeps_to_the_trained_template(
 
 def test_generate_on_a_workdir_without_checkpoints_is_one_line(tmp_path):
     (tmp_path / "metrics.jsonl").write_text("")  # a run stopped before its first checkpoint
+    (tmp_path / "checkpoints").mkdir()
     root = pathlib.Path(sftjax.__file__).resolve().parents[1]
     env = {**os.environ, "PYTHONPATH": str(root), "JAX_PLATFORMS": "cpu"}
     command = [sys.executable, "-m", "sftjax.generate", f"--checkpoint={tmp_path}", "--prompt=hi"]
@@ -294,4 +300,4 @@ def test_generate_on_a_workdir_without_checkpoints_is_one_line(tmp_path):
         f"error: {tmp_path}/checkpoints holds no complete checkpoint yet: a run saves its first "
         "at its first evaluation (eval.every_steps) or when stopped by SIGTERM/Ctrl-C"
     ]
-    assert sorted(p.name for p in tmp_path.iterdir()) == ["metrics.jsonl"]
+    assert sorted(p.name for p in tmp_path.rglob("*")) == ["checkpoints", "metrics.jsonl"]
