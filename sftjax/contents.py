@@ -61,7 +61,7 @@ def run_inputs(data: dict) -> dict[str, list[dict]]:
         for f in sorted(tokenizer.iterdir(), key=lambda f: f.name)
         if f.is_file() and not f.name.startswith(".") and not f.name.endswith(NOT_TOKENIZER)
     ]
-    if data["chat_template"]:
+    if data["chat_template"] and data["template"] == "tokenizer":  # else it is never read
         # Its text too (a few KiB): generate prompts with what training rendered, whatever
         # became of the file since.
         template = paths.resolve(data["chat_template"])
