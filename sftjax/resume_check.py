@@ -18,7 +18,8 @@ Files are compared by content where the record holds their fingerprints (content
 files in glob order, the tokenizer's files, the chat template; the LoRA base's identity): a
 file moved to another path with the same contents is allowed (and listed), a file rewritten in
 place is refused like a changed key, naming the file and how it changed. A record from before
-fingerprints (none saved) is compared by paths alone, as it always was; `check_record` says so.
+fingerprints (none saved) is compared by paths alone, as it always was (the caller warns with
+NO_FINGERPRINTS).
 Does not own: reading the checkpoint or logging (the caller logs `check`'s result).
 """
 
@@ -222,11 +223,9 @@ def check(
     return verdict.allowed + (verdict.refused if override else [])
 
 
-def inputs(files: dict | None, base_identity: dict | None) -> dict | None:
-    """{key: fingerprint} of one side: `files` (contents.run_inputs, or a record's "inputs";
-    None for a record from before them) plus the LoRA base's identity without its path."""
-    if files is None:
-        return None
+def inputs(files: dict, base_identity: dict | None) -> dict:
+    """{key: fingerprint} of one side: `files` (contents.run_inputs, or a record's "inputs")
+    plus the LoRA base's identity without its path."""
     base = {k: v for k, v in (base_identity or {}).items() if k != "hf_path"}
     return {**files, **({"model.hf_path": base} if base else {})}
 
