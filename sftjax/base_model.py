@@ -13,13 +13,8 @@ import ml_collections
 from flax import nnx
 
 from sftjax import config as config_lib
-from sftjax import paths, sharding
+from sftjax import contents, paths, sharding
 from sftjax.model import hf_io, int8, llama
-
-# Bytes hashed per weight file: the safetensors header (names, shapes, offsets) plus spans at the
-# start, middle and end of the data. Telling two checkpoints apart needs no full read (which
-# for 70B is 130 GiB from object storage on every host); one flipped byte elsewhere is not seen.
-SAMPLE_BYTES = 1 << 20
 
 
 class BaseChanged(config_lib.ConfigError):
@@ -72,31 +67,19 @@ def frozen_params(config: ml_collections.ConfigDict, cfg, mesh, rules) -> dict:
 def identity(config: ml_collections.ConfigDict) -> dict | None:
     """What tells this base apart from another; None when nothing is frozen or read.
 
-    Per weight file: its size and a sha256 of its header and sampled spans (SAMPLE_BYTES);
-    plus config.json's sha256. A random-init base is fixed by preset and seed, which the
-    resume check already compares.
+    Per weight file: its size and a sha256 of its header and sampled spans
+    (contents.file_identity); plus config.json's sha256. The path is kept only to be named:
+    a base moved elsewhere with the same contents is the same base. A random-init base is
+    fixed by preset and seed, which the resume check already compares.
     """
     if not (config.model.lora.rank and config.model.hf_path):
         return None
     directory = paths.resolve(config.model.hf_path)
     files = {}
     for file in sorted(set(hf_io.weight_files(directory).values()), key=str):
-        files[file.name] = _file_identity(file)
+        files[file.name] = contents.file_identity(file, safetensors=True)
     config_sha = hashlib.sha256((directory / "config.json").read_bytes()).hexdigest()
     return {"hf_path": str(directory), "config_sha256": config_sha, "files": files}
-
-
-def _file_identity(file) -> dict:
-    size = file.stat().length
-    digest = hashlib.sha256()
-    with file.open("rb") as f:
-        header_length = int.from_bytes(f.read(8), "little")
-        digest.update(f.read(header_length))
-        data_start = 8 + header_length
-        for offset in (data_start, (data_start + size) // 2, size - SAMPLE_BYTES):
-            f.seek(max(data_start, offset))
-            digest.update(f.read(SAMPLE_BYTES))
-    return {"bytes": size, "sampled_sha256": digest.hexdigest()}
 
 
 def check_identity(saved: dict | None, current: dict | None, step: int) -> None:

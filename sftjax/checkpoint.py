@@ -8,10 +8,12 @@ there itself.
 
 The record (JSON) carries the data iterator's position, early-stopping state, the config and a
 fingerprint of the state: per-leaf sums of the raw bits, modulo 2**32, exact and independent of
-the mesh. A restore that fails, or whose fingerprint differs, is moved aside and the previous
-checkpoint is tried. The iterator position is one index shared by every process, so a
-checkpoint restores onto any process count and any mesh with the same global batch.
-It does not decide when to save (loop.py).
+the mesh. A restore that fails, or whose fingerprint differs, is moved aside (objects copied,
+then deleted, on object storage, which has no folders to rename) and the previous checkpoint
+is tried; for the final export, the next best by validation loss. A reader of a workdir
+(`read_best`, for generate) opens it read-only: it skips a damaged checkpoint and moves nothing.
+The iterator position is one index shared by every process, so a checkpoint restores onto any
+process count and any mesh with the same global batch. It does not decide when to save (loop.py).
 """
 
 import logging
@@ -46,10 +48,17 @@ class NonFiniteState(CheckpointError):
     """The state to be saved holds NaN or inf: saving it would make every resume diverge."""
 
 
+class NoCheckpoint(config_lib.ConfigError):
+    """A workdir given to read a model from holds no checkpoint that restores (exit 2)."""
+
+
 class Checkpointer:
     """Latest-N + best-by-validation-loss checkpoints under `directory` (local or URL)."""
 
-    def __init__(self, directory, *, max_to_keep: int, async_save: bool = True):
+    def __init__(
+        self, directory, *, max_to_keep: int, async_save: bool = True, read_only: bool = False
+    ):
+        """`read_only`: for readers of a workdir; nothing is created, cleaned up or moved."""
         keep = checkpoint_managers.AnyPreservationPolicy(
             [
                 checkpoint_managers.LatestN(n=max_to_keep),
@@ -67,13 +76,24 @@ class Checkpointer:
             best_mode="min",
             keep_checkpoints_without_metrics=False,
             enable_async_checkpointing=async_save,
-            cleanup_tmp_directories=True,
+            cleanup_tmp_directories=not read_only,
+            read_only=read_only,
+            create=not read_only,
+            save_interval_steps=0 if read_only else 1,
         )
         self.directory = paths.resolve(directory)
+        self.read_only = read_only
         self._last_queued: int | None = None  # named if a background save fails later
         self._unconfirmed = False  # a save was queued and nobody has seen it end yet
-        self._manager = ocp.CheckpointManager(self.directory, options=options)
-        self._remove_unfinished()
+        # Orbax warns on every read-only open; the reader is read-only by design.
+        quiet = _Without("Given directory is read only")
+        logging.getLogger("absl").addFilter(quiet)
+        try:
+            self._manager = ocp.CheckpointManager(self.directory, options=options)
+        finally:
+            logging.getLogger("absl").removeFilter(quiet)
+        if not read_only:
+            self._remove_unfinished()
 
     def _remove_unfinished(self) -> None:
         """Delete step directories a killed save left unfinished, before a step is saved again.
@@ -109,6 +129,13 @@ class Checkpointer:
         if not steps_with_loss:
             return None
         return min(steps_with_loss, key=self.val_loss)
+
+    def steps_best_first(self) -> list[int]:
+        """Kept steps by validation loss, lowest first, then those never evaluated, newest first."""
+        evaluated = sorted(
+            (s for s in self.all_steps() if self.val_loss(s) is not None), key=self.val_loss
+        )
+        return evaluated + [s for s in reversed(self.all_steps()) if s not in evaluated]
 
     def val_loss(self, step: int) -> float | None:
         """The validation loss saved with `step`, if it was evaluated."""
@@ -180,26 +207,38 @@ class Checkpointer:
                     error = e
             if _all_processes_agree(error is None):
                 return step, state, record
-            self._set_aside(step, error)
+            self._set_aside(step, error, "trying the one before")
         return None
+
+    def restore_best(self, abstract_state) -> tuple[int, object]:
+        """(step, state) of the lowest validation loss that restores and verifies.
+
+        A damaged one is set aside with one warning and the next best is tried, so a damaged
+        best checkpoint costs the export its best step, never the export.
+        """
+        while steps := self.steps_best_first():
+            step, error = steps[0], None
+            try:
+                state, _ = self.restore(step, abstract_state)
+            except Exception as e:  # any unreadable file, truncated array, wrong fingerprint
+                error = e
+            if _all_processes_agree(error is None):
+                return step, state
+            self._set_aside(step, error, "using the next best by validation loss")
+        raise CheckpointError(f"no checkpoint under {self.directory} restores")
 
     def restore_record(self, step: int) -> dict:
         """Only the JSON record of `step` (its config, early-stopping state)."""
         args = ocp.args.Composite(meta=ocp.args.JsonRestore())
         return self._manager.restore(step, args=args)["meta"]
 
-    def _set_aside(self, step: int, error: Exception | None) -> None:
+    def _set_aside(self, step: int, error: Exception | None, then: str) -> None:
         aside = self.directory.parent / "damaged_checkpoints" / f"{step}-{int(time.time())}"
-        reason = f"{type(error).__name__}: {error}" if error else "damaged on another process"
         log.warning(
-            "checkpoint step %d is damaged (%s); moved to %s, trying the one before",
-            step,
-            reason.splitlines()[0][:300],
-            aside,
+            "checkpoint step %d is damaged (%s); moved to %s, %s", step, _reason(error), aside, then
         )
         if jax.process_index() == 0:
-            aside.parent.mkdir(parents=True, exist_ok=True)
-            (self.directory / str(step)).rename(aside)
+            _move_tree(self.directory / str(step), aside)
         multihost_utils.sync_global_devices(f"sftjax-set-aside-{step}")
         self._manager.reload()
 
@@ -251,6 +290,39 @@ def quiet_background_failures() -> None:
     )
 
 
+class _Without(logging.Filter):
+    """Drops log records whose message contains `text`."""
+
+    def __init__(self, text: str):
+        super().__init__()
+        self.text = text
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        return self.text not in record.getMessage()
+
+
+def _reason(error: Exception | None) -> str:
+    reason = f"{type(error).__name__}: {error}" if error else "damaged on another process"
+    return reason.splitlines()[0][:300]
+
+
+def _move_tree(source: paths.Path, target: paths.Path) -> None:
+    """Rename a directory; on object storage (no directories to rename) copy every object,
+    then delete the originals. Interrupted, the step stays where it was (and is set aside
+    again by the next run) or is already whole at `target`."""
+    if not paths.is_remote(source):
+        target.parent.mkdir(parents=True, exist_ok=True)
+        source.rename(target)
+        return
+    for item in source.iterdir():
+        if item.is_dir():
+            _move_tree(item, target / item.name)
+        else:
+            target.mkdir(parents=True, exist_ok=True)
+            item.copy(target / item.name, overwrite=True)
+    paths.remove_tree(source)
+
+
 def _save_failure(directory, step: int | None, error: BaseException) -> str:
     cause = error
     while cause.__cause__ is not None or cause.__context__ is not None:
@@ -300,28 +372,59 @@ def is_finite(record_fingerprint: list[list[int]]) -> bool:
 
 def load_best(workdir, *, dtype: str | None = None) -> tuple[llama.Llama, str]:
     """(best model, tokenizer dir) of a training workdir, from its Orbax checkpoints."""
+    model, record = read_best(workdir, dtype=dtype)
+    return model, os.fspath(record["config"]["data"]["tokenizer"])
+
+
+def read_best(workdir, *, dtype: str | None = None) -> tuple[llama.Llama, dict]:
+    """(model, JSON record) of the best checkpoint of a training workdir that restores.
+
+    Read-only: a damaged checkpoint is skipped with a warning (the next best by validation
+    loss is read) and left where it is; the training run, when rerun, sets it aside. Raises
+    NoCheckpoint (exit 2) when none restores.
+    """
     workdir = paths.resolve(workdir)
-    ckpt = Checkpointer(workdir / "checkpoints", max_to_keep=1, async_save=False)
-    step = ckpt.best_step()
-    step = ckpt.latest_step() if step is None else step
-    if step is None:
-        raise FileNotFoundError(f"{workdir}/checkpoints holds no complete checkpoint")
-    config = ml_collections.ConfigDict(ckpt.restore_record(step)["config"])
-    if dtype:
-        config.model.dtype = dtype
-    cfg = config_lib.model_config(config.model)
-    mesh = sharding.make_mesh(config.mesh.data, config.mesh.fsdp, config.mesh.tensor)
-    tx, _ = train.make_optimizer(config.optim, 1)
-    rules = config_lib.sharding_rules(config)
-    graphdef, abstract_state, _ = train.abstract_train_state(cfg, mesh, rules, tx)
-    found = ckpt.restore_newest(abstract_state, steps=[step])
-    ckpt.close()
-    if found is None:
-        raise FileNotFoundError(
-            f"{workdir}/checkpoints: the best checkpoint (step {step}) is damaged"
-        )
-    _, state, record = found
+    directory = workdir / "checkpoints"
+    ckpt = Checkpointer(directory, max_to_keep=1, async_save=False, read_only=True)
+    try:
+        steps = ckpt.steps_best_first()
+        if not steps:
+            raise NoCheckpoint(
+                f"{directory} holds no complete checkpoint yet: a run saves its first at "
+                "its first evaluation (eval.every_steps) or when stopped by SIGTERM/Ctrl-C"
+            )
+        skipped = []
+        for step in steps:
+            try:
+                record = ckpt.restore_record(step)
+                config = ml_collections.ConfigDict(record["config"])
+                if dtype:
+                    config.model.dtype = dtype
+                cfg = config_lib.model_config(config.model)
+                mesh = sharding.make_mesh(config.mesh.data, config.mesh.fsdp, config.mesh.tensor)
+                tx, _ = train.make_optimizer(config.optim, 1)
+                rules = config_lib.sharding_rules(config)
+                graphdef, abstract_state, _ = train.abstract_train_state(cfg, mesh, rules, tx)
+                state, record = ckpt.restore(step, abstract_state)
+            except Exception as e:  # any unreadable file, truncated array, wrong fingerprint
+                skipped.append(step)
+                log.warning("checkpoint step %d is damaged (%s); not used", step, _reason(e))
+                continue
+            if skipped:
+                log.warning(
+                    "using step %d instead (validation loss %s); rerun the training command "
+                    "to set the damaged checkpoints aside",
+                    step,
+                    ckpt.val_loss(step),
+                )
+            break
+        else:
+            raise NoCheckpoint(
+                f"no checkpoint under {directory} restores (steps {steps} are damaged)"
+            )
+    finally:
+        ckpt.close()
     if cfg.lora_rank:  # the checkpoint holds the adapters; the base is read where it was
         base_model.check_identity(record.get("base_model"), base_model.identity(config), step)
     frozen = base_model.frozen_params(config, cfg, mesh, rules)
-    return nnx.merge(graphdef, state.params, frozen), os.fspath(config.data.tokenizer)
+    return nnx.merge(graphdef, state.params, frozen), record

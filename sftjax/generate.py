@@ -12,8 +12,10 @@ it was batched with. Decoding runs a fixed `max_new_tokens` steps in a `jax.lax.
 that stops early once every row has produced `eos_id`; returned tokens stop before EOS.
 Single-host: the prompts are host numpy arrays that jit places on the model's mesh.
 Prompts are encoded with the template the model was trained with, read from the workdir's
-checkpoint record (its config) or from an export's `sftjax_format.json`; a Hugging Face model
-from elsewhere is prompted with its own chat_template, or alpaca when it has none.
+checkpoint record (its config, and the text of a data.chat_template file as training read it:
+the file may have been edited or deleted since) or from an export's `sftjax_format.json`; a
+Hugging Face model from elsewhere is prompted with its own chat_template, or alpaca when it has
+none. A workdir is only read: a damaged checkpoint is skipped, never moved (checkpoint.py).
 Shapes: B rows, L prompt bucket, T max_new_tokens, V vocab (cache slots S = L + T).
 
     python -m sftjax.generate --checkpoint=HF_DIR --prompt="Name three primary colors."
@@ -33,11 +35,16 @@ import numpy as np
 from absl import app, flags, logging
 from flax import nnx
 
+from sftjax import config as config_lib
 from sftjax import paths
 from sftjax.data import chat_templates, records, templates, tokenize
 from sftjax.model import hf_export, hf_io, llama
 
 MIN_BUCKET = 16  # shortest prefill length: small prompts share one compile
+
+
+class TooLong(config_lib.ConfigError):
+    """A prompt plus max_new_tokens past the model's max_seq_len: the user shortens one."""
 
 
 @dataclasses.dataclass(frozen=True)
@@ -156,11 +163,14 @@ def generate(
     """
     if not prompts or any(len(p) == 0 for p in prompts):
         raise ValueError("every prompt needs at least one token (BOS)")
+    if max_new_tokens < 1:
+        raise TooLong(f"max_new_tokens={max_new_tokens}: give at least 1")
     longest = max(len(p) for p in prompts)
     if longest + max_new_tokens > model.cfg.max_seq_len:
-        raise ValueError(
-            f"longest prompt {longest} + max_new_tokens {max_new_tokens} exceeds the model's "
-            f"max_seq_len {model.cfg.max_seq_len}"
+        raise TooLong(
+            f"a prompt of {longest} tokens + max_new_tokens={max_new_tokens} is longer than "
+            f"the model's max_seq_len {model.cfg.max_seq_len}: shorten the prompt or lower "
+            "max_new_tokens"
         )
     mesh = _mesh(model)
     # Rows: a power of two (few compiles across batch sizes; decoding is memory-bound, so
@@ -282,33 +292,34 @@ def define_flags() -> None:
     flags.DEFINE_string("dtype", "bfloat16", "Weights and compute dtype (float32 for exactness).")
 
 
+# What a training workdir holds before its first checkpoint (metrics, the lock, the export).
+WORKDIR_FILES = ("checkpoints", "metrics.jsonl", ".lock")
+
+
 def _load(path: paths.Path, dtype: str) -> tuple[llama.Llama, str, dict]:
     """(model, tokenizer dir, training data settings) from a HF directory or a training workdir.
 
-    The settings are config.data of the checkpoint's record, or an export's sftjax_format.json;
-    empty for a model sftjax did not train.
+    The settings are config.data of the checkpoint's record (with "chat_template_text", the
+    template file's text as training read it, when the record keeps it), or an export's
+    sftjax_format.json; empty for a model sftjax did not train.
     """
-    if (path / "checkpoints").is_dir():
+    if any((path / name).exists() for name in WORKDIR_FILES):
         from sftjax import checkpoint  # the trainer's imports only when a workdir is given
 
-        model, tokenizer_dir = checkpoint.load_best(path, dtype=dtype)
-        return model, tokenizer_dir, training_data_config(path)
+        model, record = checkpoint.read_best(path, dtype=dtype)
+        return model, record["config"]["data"]["tokenizer"], training_data_config(record)
     model = hf_io.load_pretrained(path, dtype=dtype, param_dtype=dtype)
     recorded = path / hf_export.TRAINING_FORMAT_FILE
     return model, path, json.loads(recorded.read_text()) if recorded.exists() else {}
 
 
-def training_data_config(workdir: paths.Path) -> dict:
-    """config.data from the JSON record saved with the workdir's best (else latest) checkpoint."""
-    from sftjax import checkpoint
-
-    ckpt = checkpoint.Checkpointer(workdir / "checkpoints", max_to_keep=1, async_save=False)
-    try:
-        step = ckpt.best_step()
-        step = ckpt.latest_step() if step is None else step
-        return dict(ckpt.restore_record(step)["config"]["data"])
-    finally:
-        ckpt.close()
+def training_data_config(record: dict) -> dict:
+    """config.data of a checkpoint's JSON record, with the chat template's recorded text."""
+    settings = dict(record["config"]["data"])
+    template_files = record.get("inputs", {}).get("data.chat_template")
+    if template_files:  # records from before content fingerprints keep only the path
+        settings["chat_template_text"] = template_files[0]["text"]
+    return settings
 
 
 def training_template(settings: dict, tok: tokenize.SegmentTokenizer, override: str | None):
@@ -325,8 +336,31 @@ def training_template(settings: dict, tok: tokenize.SegmentTokenizer, override: 
         return name
     chat_template = ""
     if name == "tokenizer" and settings.get("chat_template"):  # a workdir's data.chat_template
-        chat_template = paths.resolve(settings["chat_template"]).read_text()
+        chat_template = _recorded_template(settings)
     return chat_templates.make_template(name, tok.hf, chat_template)
+
+
+def _recorded_template(settings: dict) -> str:
+    """The data.chat_template text training rendered: the record's copy, which outlives the
+    file (edited or deleted since, it is warned about); the file for an older record."""
+    file = paths.resolve(settings["chat_template"])
+    recorded = settings.get("chat_template_text")
+    if recorded is not None:
+        if not file.exists() or file.read_text() != recorded:
+            logging.warning(
+                "%s is %s since training; prompting with the template the model was trained "
+                "with (kept in its checkpoint)",
+                file,
+                "edited" if file.exists() else "gone",
+            )
+        return recorded
+    if not file.exists():
+        raise chat_templates.TemplateError(
+            f"data.chat_template={file}, the template the model was trained with, is gone "
+            "(this checkpoint predates keeping its text): put the file back, or choose one "
+            "with --template"
+        )
+    return file.read_text()
 
 
 def main(argv: Sequence[str]) -> None:

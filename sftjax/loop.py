@@ -23,7 +23,17 @@ import tqdm
 from flax import nnx
 from jax.experimental import multihost_utils
 
-from sftjax import base_model, checkpoint, generate, metrics, paths, resume_check, sharding, train
+from sftjax import (
+    base_model,
+    checkpoint,
+    contents,
+    generate,
+    metrics,
+    paths,
+    resume_check,
+    sharding,
+    train,
+)
 from sftjax import config as config_lib
 from sftjax.data import chat_templates, pipeline, tokenize
 from sftjax.model import hf_export, llama, merge
@@ -103,6 +113,7 @@ class _Run:
     abstract_state: train.TrainState
     abstract_frozen: dict  # the frozen LoRA base (shapes and shardings); {} for full FT
     base_identity: dict | None  # the LoRA base's files (sizes, sampled hashes); in every record
+    inputs: dict  # data, tokenizer and template files by content (contents.py); in every record
     tx: object  # optax.GradientTransformation
     step_fn: object
     eval_fn: object
@@ -199,6 +210,7 @@ def _prepare(config: ml_collections.ConfigDict, workdir: paths.Path) -> _Run:
         abstract_state=abstract_state,
         abstract_frozen=abstract_frozen,
         base_identity=base_model.identity(config),
+        inputs=contents.run_inputs(config.data),
         tx=tx,
         step_fn=step_fn,
         eval_fn=eval_fn,
@@ -215,10 +227,12 @@ def _start(run: _Run, ckpt: checkpoint.Checkpointer):
 
     def check_config(step: int, record: dict) -> None:
         """Refuse a resume whose config or base model changes the run (exit 2)."""
-        log.info(
-            resume_check.describe(resume_check.check(record["config"], config.to_dict(), step))
-        )
         base_model.check_identity(record.get("base_model"), run.base_identity, step)
+        if "inputs" not in record:
+            log.warning(resume_check.NO_FINGERPRINTS)
+        inputs = resume_check.inputs(run.inputs, run.base_identity)
+        changes = resume_check.check_record(record, config.to_dict(), inputs, step)
+        log.info(resume_check.describe(changes))
 
     found = ckpt.restore_newest(run.abstract_state, check=check_config)
     if found is None:
@@ -271,6 +285,7 @@ def _train(run: _Run, ckpt, writer, state, frozen, early, start_step: int):
             "early_stopping": dataclasses.asdict(early),
             "config": config.to_dict(),
             "base_model": run.base_identity,
+            "inputs": run.inputs,
         }
 
     def diverged(what: str) -> TrainingDiverged:
@@ -380,7 +395,7 @@ def _finish(run: _Run, ckpt, writer, stop_reason: str, step: int, early, frozen)
     config = run.config
     # The restored checkpoint is the lowest validation loss saved; with min_delta > 0 that can
     # be a later step than early stopping's own best (an improvement too small to reset patience).
-    best_step = ckpt.best_step()
+    best_step, best_state = ckpt.restore_best(run.abstract_state)  # a damaged one: the next
     best_loss = ckpt.val_loss(best_step)
     why = {
         "completed": f"completed {run.total_steps} steps",
@@ -394,7 +409,6 @@ def _finish(run: _Run, ckpt, writer, stop_reason: str, step: int, early, frozen)
         best_loss,
         best_step,
     )
-    best_state, _ = ckpt.restore(best_step, run.abstract_state)
     best_model = nnx.merge(run.graphdef, best_state.params, frozen)
     export_dir = None
     if config.checkpoint.export_hf:
@@ -410,7 +424,8 @@ def _finish(run: _Run, ckpt, writer, stop_reason: str, step: int, early, frozen)
                     overwrite=True,
                 )
             export_dir = hf_export.save_pretrained(
-                merge.merge_lora(best_model, config.checkpoint.export_dtype),
+                # from the base as stored in model.hf_path, not its base_dtype copy
+                merge.merge_lora(best_model, config.checkpoint.export_dtype, config.model.hf_path),
                 run.workdir / "hf_export",
                 tokenizer_dir=config.data.tokenizer,
                 # chat_template.jinja, BOS rule and sftjax_format.json of the training format

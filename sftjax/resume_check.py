@@ -13,6 +13,13 @@ Owns `check(saved, new, saved_step)`: it compares the config saved with a checkp
   kernel, a longer run (more epochs, or num_steps still past the saved step; the learning-rate
   schedule then stretches or shrinks to the new total from here on, which `describe` says).
 Keys present on one side only come from another sftjax version and are allowed, with a note.
+
+Files are compared by content where the record holds their fingerprints (contents.py: the data
+files in glob order, the tokenizer's files, the chat template; the LoRA base's identity): a
+file moved to another path with the same contents is allowed (and listed), a file rewritten in
+place is refused like a changed key, naming the file and how it changed. A record from before
+fingerprints (none saved) is compared by paths alone, as it always was (the caller warns with
+NO_FINGERPRINTS).
 Does not own: reading the checkpoint or logging (the caller logs `check`'s result).
 """
 
@@ -21,6 +28,7 @@ import json
 from typing import Any
 
 from sftjax import config as config_lib
+from sftjax import contents
 
 OVERRIDE_KEY = "train.allow_config_change"
 
@@ -57,6 +65,20 @@ ALLOWED = (
 LENGTH_KEYS = ("train.num_steps", "data.num_epochs")
 
 
+# Config keys that name files: compared by the files' contents when both sides fingerprint them.
+CONTENT_KEYS = (
+    "data.train_files",
+    "data.validation_files",
+    "data.tokenizer",
+    "data.chat_template",
+    "model.hf_path",  # the LoRA base (base_model.identity); a full fine-tune keeps no base
+)
+NO_FINGERPRINTS = (
+    "the checkpoint predates content fingerprints: data, tokenizer and template files are "
+    "compared by path only for this resume (the checkpoints saved from now on carry them)"
+)
+
+
 class ConfigChanged(config_lib.ConfigError):
     """A resume whose config differs from the checkpoint's in keys that change the run."""
 
@@ -69,6 +91,22 @@ class Change:
 
     def __str__(self) -> str:
         return f"{self.key}: {_show(self.old)} -> {_show(self.new)}"
+
+
+@dataclasses.dataclass(frozen=True)
+class Moved(Change):
+    """A path key whose files moved with their contents unchanged: not a change of the run."""
+
+    def __str__(self) -> str:
+        return f"{super().__str__()} (same contents)"
+
+
+@dataclasses.dataclass(frozen=True)
+class ContentChange(Change):
+    """Files rewritten in place (or swapped) under a path key: `new` says what differs."""
+
+    def __str__(self) -> str:
+        return f"{self.key}: {self.new}"
 
 
 _ABSENT = object()
@@ -103,16 +141,32 @@ class Verdict:
     allowed: list[Change]  # log these: the run goes on with them
 
 
-def compare(saved: dict, new: dict, saved_step: int) -> Verdict:
-    """Sort every differing key of two config dicts (ConfigDict.to_dict() or its JSON)."""
+def compare(
+    saved: dict,
+    new: dict,
+    saved_step: int,
+    saved_inputs: dict | None = None,
+    new_inputs: dict | None = None,
+) -> Verdict:
+    """Sort every differing key of two config dicts (ConfigDict.to_dict() or its JSON); path
+    keys whose files both sides fingerprinted (`*_inputs`, {key: fingerprint}) by contents."""
     old_flat, new_flat = {**ADDED_DEFAULTS, **_flatten(saved)}, _flatten(new)
+    saved_inputs, new_inputs = saved_inputs or {}, new_inputs or {}
+    by_content = {k for k in CONTENT_KEYS if k in saved_inputs and k in new_inputs}
     verdict = Verdict([], [], [])
+    for key in sorted(by_content):
+        what = _content_difference(saved_inputs[key], new_inputs[key])
+        if what:
+            verdict.refused.append(ContentChange(key, old_flat.get(key), what))
     for key in sorted(old_flat.keys() | new_flat.keys()):
         old, now = old_flat.get(key, _ABSENT), new_flat.get(key, _ABSENT)
         if old == now:
             continue
         change = Change(key, old, now)
-        if old is _ABSENT or now is _ABSENT:
+        if key in by_content:
+            if not any(c.key == key for c in verdict.refused):
+                verdict.allowed.append(Moved(key, old, now))
+        elif old is _ABSENT or now is _ABSENT:
             verdict.allowed.append(change)  # another sftjax version added or removed the key
         elif key in INCOMPATIBLE or _changes_optimizer_layout(key, old, now):
             verdict.incompatible.append(change)
@@ -125,14 +179,29 @@ def compare(saved: dict, new: dict, saved_step: int) -> Verdict:
     return verdict
 
 
+def _content_difference(old, new) -> str:
+    """'' when two fingerprints agree, else what differs (file by file for file lists)."""
+    if old == new:
+        return ""
+    if isinstance(old, list) and isinstance(new, list):
+        return "; ".join(contents.differences(old, new)[:3])
+    return "different contents"
+
+
 def _changes_optimizer_layout(key: str, old: Any, new: Any) -> bool:
     """Gradient clipping on <-> off adds or removes a state in the optimizer chain."""
     return key == "optim.grad_clip_norm" and (old > 0) != (new > 0)
 
 
-def check(saved: dict, new: dict, saved_step: int) -> list[Change]:
+def check(
+    saved: dict,
+    new: dict,
+    saved_step: int,
+    saved_inputs: dict | None = None,
+    new_inputs: dict | None = None,
+) -> list[Change]:
     """The allowed changes (to log), or ConfigChanged listing what stops the resume and why."""
-    verdict = compare(saved, new, saved_step)
+    verdict = compare(saved, new, saved_step, saved_inputs, new_inputs)
     override = _flatten(new).get(OVERRIDE_KEY, False)
     lines = []
     if verdict.incompatible:
@@ -146,12 +215,31 @@ def check(saved: dict, new: dict, saved_step: int) -> list[Change]:
             f"these changes would silently turn the run saved at step {saved_step} into another "
             "(different math or data order): "
             + "; ".join(map(str, verdict.refused))
-            + f". Put the old values back, use a new --workdir, or set "
+            + f". Put the old values (or files) back, use a new --workdir, or set "
             f"--config.{OVERRIDE_KEY}=True to continue with them anyway"
         )
     if lines:
         raise ConfigChanged("cannot resume: " + "\n  ".join(lines))
     return verdict.allowed + (verdict.refused if override else [])
+
+
+def inputs(files: dict, base_identity: dict | None) -> dict:
+    """{key: fingerprint} of one side: `files` (contents.run_inputs, or a record's "inputs")
+    plus the LoRA base's identity without its path."""
+    base = {k: v for k, v in (base_identity or {}).items() if k != "hf_path"}
+    return {**files, **({"model.hf_path": base} if base else {})}
+
+
+def check_record(record: dict, new: dict, new_inputs: dict, step: int) -> list[Change]:
+    """`check` against a checkpoint's JSON record; `new_inputs` from `inputs(...)` of this run.
+
+    A record without fingerprints still resumes (compared by paths, as when it was saved);
+    its LoRA base identity, kept since LoRA came, still lets model.hf_path move.
+    """
+    saved_inputs = inputs(record.get("inputs", {}), record.get("base_model"))
+    if "inputs" not in record:
+        saved_inputs = {k: v for k, v in saved_inputs.items() if k == "model.hf_path"}
+    return check(record["config"], new, step, saved_inputs, new_inputs)
 
 
 def describe(changes: list[Change]) -> str:

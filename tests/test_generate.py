@@ -1,4 +1,5 @@
-"""KV-cache generation: equal to full forwards, to HF and to llama2.c; sampling rules; the CLI."""
+"""KV-cache generation: equal to full forwards, to HF and to llama2.c; sampling rules; the CLI,
+which only reads a training workdir and says one line for what the user must change."""
 
 import functools
 import json
@@ -7,6 +8,7 @@ import pathlib
 import subprocess
 import sys
 
+import chat_fixtures
 import jax
 import numpy as np
 import pytest
@@ -15,9 +17,10 @@ from absl.testing import flagsaver
 from conftest import shared_path
 from flax import nnx
 from hf_fixtures import make_hf_llama, our_logits
+from train_fixtures import config_with, demo_corpus, short_run
 
 import sftjax
-from sftjax import generate, sharding
+from sftjax import checkpoint, cli, generate, loop, sharding
 from sftjax.data import records, templates, tokenize
 from sftjax.model import hf_io, llama
 
@@ -216,3 +219,85 @@ def test_cli_prints_an_answer_and_writes_one_line_per_row(hf_dir, tmp_path):
         generate.main(flags.FLAGS(argv))
     written = [json.loads(line) for line in out.read_text().splitlines()]
     assert written == [{**r, "generated": e} for r, e in zip(rows, expected, strict=True)]
+
+
+@pytest.fixture(scope="module")
+def trained_workdir(tmp_path_factory):
+    """A 4-step tiny run on a chat template file: checkpoints at steps 2 and 4."""
+    directory = tmp_path_factory.mktemp("trained")
+    train, val, tok_dir, vocab = demo_corpus(directory / "corpus", n_train=120, n_val=20)
+    template = directory / "corpus" / "chat.jinja"
+    template.write_text(chat_fixtures.LLAMA2_CHAT)
+    values = short_run(
+        train,
+        val,
+        tok_dir,
+        vocab,
+        **{"data.template": "tokenizer", "data.chat_template": str(template)},
+        **{"train.num_steps": 4, "eval.every_steps": 2, "data.seq_len": 64},
+    )
+    loop.fit(config_with(values), directory / "run")
+    return directory / "run", template
+
+
+def _tree(directory: pathlib.Path) -> dict:
+    return {p: (p.stat().st_size, p.stat().st_mtime_ns) for p in directory.rglob("*")}
+
+
+def _answer(workdir, capsys, *extra: str) -> str:
+    argv = ["generate", f"--checkpoint={workdir}", "--prompt=Name a color.", "--dtype=float32"]
+    generate.define_flags()
+    with flagsaver.flagsaver():
+        generate.main(flags.FLAGS([*argv, "--max_new_tokens=4", *extra]))
+    return capsys.readouterr().out
+
+
+def test_generate_only_reads_a_workdir_and_keeps_to_the_trained_template(
+    trained_workdir, capsys, caplog
+):
+    """The template file edited or deleted: the recorded text still prompts; a damaged best
+    checkpoint: the other one answers and nothing in the workdir moves; too long: one line."""
+    workdir, template = trained_workdir
+    ckpt = checkpoint.Checkpointer(workdir / "checkpoints", max_to_keep=5, read_only=True)
+    best, other = ckpt.steps_best_first()
+    settings = generate.training_data_config(ckpt.restore_record(best))
+    ckpt.close()
+    tok = tokenize.load_tokenizer(settings["tokenizer"])
+    answer = _answer(workdir, capsys)
+    template.write_text(chat_fixtures.LLAMA2_CHAT.replace("[INST]", "Q:"))
+    assert _answer(workdir, capsys) == answer
+    assert f"{template} is edited since training" in caplog.text
+    trained_with = generate.training_template(settings, tok, None).chat_template
+    assert trained_with == chat_fixtures.LLAMA2_CHAT
+    template.unlink()
+    assert _answer(workdir, capsys) == answer
+    assert generate.training_template(settings, tok, None).chat_template == trained_with
+
+    for extra in ("--max_new_tokens=100000", f"--prompt={'red ' * 600}"):
+        with pytest.raises(cli.USER_ERRORS, match="shorten the prompt or lower max_new_tokens"):
+            _answer(workdir, capsys, extra)
+
+    state_files = (workdir / "checkpoints" / str(best) / "state").rglob("d/*")
+    largest = max(state_files, key=lambda p: p.stat().st_size)
+    largest.write_bytes(largest.read_bytes()[: largest.stat().st_size // 2])
+    before = _tree(workdir)
+    caplog.clear()
+    _answer(workdir, capsys)
+    assert f"checkpoint step {best} is damaged" in caplog.text
+    assert f"using step {other} instead" in caplog.text
+    assert _tree(workdir) == before  # nothing moved, created or cleaned up
+
+
+def test_generate_on_a_workdir_without_checkpoints_is_one_line(tmp_path):
+    (tmp_path / "metrics.jsonl").write_text("")  # a run stopped before its first checkpoint
+    (tmp_path / "checkpoints").mkdir()
+    root = pathlib.Path(sftjax.__file__).resolve().parents[1]
+    env = {**os.environ, "PYTHONPATH": str(root), "JAX_PLATFORMS": "cpu"}
+    command = [sys.executable, "-m", "sftjax.generate", f"--checkpoint={tmp_path}", "--prompt=hi"]
+    done = subprocess.run(command, capture_output=True, text=True, env=env, cwd=root, timeout=120)
+    assert done.returncode == 2, done.stderr[-3000:]
+    assert done.stderr.splitlines() == [
+        f"error: {tmp_path}/checkpoints holds no complete checkpoint yet: a run saves its first "
+        "at its first evaluation (eval.every_steps) or when stopped by SIGTERM/Ctrl-C"
+    ]
+    assert sorted(p.name for p in tmp_path.rglob("*")) == ["checkpoints", "metrics.jsonl"]

@@ -2,7 +2,9 @@
 
 Owns: a damaged newest checkpoint (truncated, deleted or overwritten files, a cut JSON record,
 a fingerprint that does not match) is set aside with one warning and the run resumes from the
-one before it to the same losses; a save that fails (file size limit, as on a full disk) stops
+one before it to the same losses, on local disk and on object storage (no folders to rename);
+a damaged best checkpoint older than the newest is set aside at the export, which takes the next
+best; a save that fails (file size limit, as on a full disk) stops
 the run at once with one message while earlier checkpoints stay restorable; SIGTERM during the
 final export finishes it and exits 0; a kill between the export's renames is repaired at the
 next start; a state holding NaN is never saved.
@@ -21,9 +23,10 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 from multihost_fixtures import device_env
+from test_storage import BUCKET, emulator  # noqa: F401 (the gs:// emulator fixture)
 from train_fixtures import ROOT, config_with, demo_corpus, main_command, short_run, train_losses
 
-from sftjax import checkpoint, loop, sharding
+from sftjax import checkpoint, loop, metrics, paths, sharding
 from sftjax.model import hf_export
 
 STEPS = 16
@@ -188,3 +191,76 @@ def test_export_interrupted_between_renames_is_restored_at_next_start(tmp_path):
     hf_export.recover_export(final)
     assert (final / "config.json").read_text() == "{}"
     assert sorted(p.name for p in tmp_path.iterdir()) == ["hf_export"]
+
+
+def claim_val_loss(step_dir, val_loss: float) -> None:
+    """Rewrite the validation loss Orbax keeps with a step (as if later evaluations rose)."""
+    (metrics_file,) = [
+        p for p in step_dir.rglob("*") if p.is_file() and p.stat().st_size < 4096
+        and '"val_loss"' in p.read_text(errors="replace")
+    ]  # fmt: skip
+    metrics = json.loads(metrics_file.read_text())
+    metrics["val_loss"] = val_loss
+    metrics_file.write_text(json.dumps(metrics))
+
+
+@pytest.mark.slow
+def test_damaged_best_checkpoint_older_than_the_newest_exports_the_next_best(
+    corpus, finished, tmp_path
+):
+    workdir = tmp_path / "run"
+    shutil.copytree(finished, workdir)
+    claim_val_loss(workdir / "checkpoints" / "8", 0.001)  # step 8 was the best of the run
+    truncate(largest_array_file(workdir / "checkpoints" / "8"))
+    done = subprocess.run(
+        _command(corpus, workdir, **{"train.num_steps": 20, "checkpoint.export_hf": True}),
+        env=device_env(8),
+        cwd=ROOT,
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
+    assert done.returncode == 0, done.stderr[-3000:]
+    assert "Traceback" not in done.stderr and "resumed from step 16" in done.stderr
+    (warning,) = [line for line in done.stderr.splitlines() if "is damaged" in line]
+    assert "checkpoint step 8 is damaged" in warning and "the next best by validation" in warning
+    assert [p.name.split("-")[0] for p in (workdir / "damaged_checkpoints").iterdir()] == ["8"]
+    assert (workdir / "hf_export" / "model.safetensors").exists()
+    summary = [
+        r for r in metrics.read_records(workdir / "metrics.jsonl") if r["split"] == "summary"
+    ]
+    losses = {s: checkpoint_loss(workdir, s) for s in (4, 12, 16, 20)}
+    assert summary[-1]["best_step"] == min(losses, key=losses.get)
+
+
+def checkpoint_loss(workdir, step: int) -> float:
+    ckpt = checkpoint.Checkpointer(workdir / "checkpoints", max_to_keep=10, read_only=True)
+    try:
+        return ckpt.val_loss(step)
+    finally:
+        ckpt.close()
+
+
+@pytest.mark.slow
+@pytest.mark.usefixtures("emulator")
+def test_damaged_checkpoint_on_object_storage_is_set_aside_and_every_rerun_resumes():
+    """gs:// has no folders: the damaged step's objects are copied aside, then deleted."""
+    directory = paths.resolve(f"gs://{BUCKET}/damaged/checkpoints")
+    mesh = sharding.make_mesh()
+    replicated = jax.sharding.NamedSharding(mesh, jax.sharding.PartitionSpec())
+    state = {"w": jax.device_put(jnp.arange(8.0), replicated)}
+    ckpt = checkpoint.Checkpointer(directory, max_to_keep=5, async_save=False)
+    for step in (1, 2):
+        ckpt.save(step, {"w": state["w"] * step}, {"step": step}, None)
+    ckpt.close()
+    (directory / "2" / "meta" / "metadata").unlink()  # the JSON record of step 2 is lost
+
+    for _ in range(2):  # the first run sets step 2 aside; a rerun finds it gone
+        ckpt = checkpoint.Checkpointer(directory, max_to_keep=5, async_save=False)
+        step, restored, record = ckpt.restore_newest(state)
+        ckpt.close()
+        assert step == 1 and record["step"] == 1
+        np.testing.assert_array_equal(restored["w"], np.arange(8.0))
+    assert not (directory / "2").exists()
+    (aside,) = list((directory.parent / "damaged_checkpoints").iterdir())
+    assert aside.name.startswith("2-") and (aside / "state").exists()

@@ -1,12 +1,19 @@
-"""resume_check: which config changes a resume refuses, which it allows, and what it says."""
+"""resume_check: which config changes a resume refuses, which it allows, and what it says;
+files by content (a moved file resumes, a rewritten one is refused), through the CLI too."""
 
 import json
+import pathlib
+import re
+import shutil
+import subprocess
 
+import chat_fixtures
 import pytest
-from train_fixtures import base_config
+from hf_fixtures import make_hf_llama
+from train_fixtures import ROOT, base_config, demo_corpus, main_command, short_run
 
 from sftjax import config as config_lib
-from sftjax import resume_check
+from sftjax import demo_data, resume_check
 
 
 def _saved() -> dict:
@@ -146,3 +153,109 @@ def test_keys_known_to_one_version_only_are_allowed_with_a_note():
 def test_length_changes_say_the_schedule_follows():
     changes = resume_check.check(_saved(), _new(**{"data.num_epochs": 10}), saved_step=10)
     assert "learning-rate schedule follows the new length" in resume_check.describe(changes)
+
+
+def _files(*contents_: tuple[str, int, str]) -> list[dict]:
+    return [{"name": n, "bytes": b, "sampled_sha256": h} for n, b, h in contents_]
+
+
+def test_files_are_compared_by_contents_and_order_not_by_path():
+    saved_inputs = {"data.train_files": _files(("a.jsonl", 10, "x"), ("b.jsonl", 20, "y"))}
+    moved = _new(**{"data.train_files": "/elsewhere/*.jsonl"})
+    renamed = {"data.train_files": _files(("c.jsonl", 10, "x"), ("d.jsonl", 20, "y"))}
+    changes = resume_check.check(_saved(), moved, 10, saved_inputs, renamed)
+    assert [str(c) for c in changes] == [
+        'data.train_files: "" -> "/elsewhere/*.jsonl" (same contents)'
+    ]
+
+    cases = {
+        "a.jsonl: same size, different content": _files(("a.jsonl", 10, "z"), ("b.jsonl", 20, "y")),
+        "a.jsonl: 11 bytes (was 10)": _files(("a.jsonl", 11, "z"), ("b.jsonl", 20, "y")),
+        "the same contents in another file order": _files(
+            ("a.jsonl", 20, "y"), ("b.jsonl", 10, "x")
+        ),
+        "b.jsonl (20 bytes) is gone": _files(("a.jsonl", 10, "x")),
+    }
+    for expected, files in cases.items():
+        with pytest.raises(resume_check.ConfigChanged, match="allow_config_change") as info:
+            resume_check.check(_saved(), _new(), 10, saved_inputs, {"data.train_files": files})
+        assert f"data.train_files: {expected}" in str(info.value)
+        overridden = _new(**{"train.allow_config_change": True})
+        allowed = resume_check.check(
+            _saved(), overridden, 10, saved_inputs, {"data.train_files": files}
+        )
+        assert any(expected in str(c) for c in allowed)
+
+
+def test_a_record_without_fingerprints_is_compared_by_path_and_its_lora_base_may_move():
+    base = {"hf_path": "/old/base", "config_sha256": "c", "files": {"model.safetensors": {}}}
+    moved_base = {**base, "hf_path": "/new/base"}
+    record = {"config": _saved(), "base_model": base}  # as saved before content fingerprints
+    record["config"]["model"]["hf_path"] = "/old/base"
+    new = _new(**{"model.hf_path": "/new/base"})
+    files = {"data.train_files": _files(("train.jsonl", 5, "h"))}
+    inputs = resume_check.inputs(files, moved_base)
+    changes = resume_check.check_record(record, new, inputs, step=7)
+    assert [str(c) for c in changes] == [
+        'model.hf_path: "/old/base" -> "/new/base" (same contents)'
+    ]
+    with pytest.raises(resume_check.ConfigChanged, match="data.train_files"):
+        moved = _new(**{"model.hf_path": "/new/base", "data.train_files": "/new/train.jsonl"})
+        resume_check.check_record(record, moved, inputs, step=7)
+
+
+@pytest.mark.slow
+def test_resume_through_the_cli_refuses_rewritten_files_and_follows_moved_ones(tmp_path):
+    """A LoRA run with a chat template file stops at step 2. Rewriting the training file in
+    place (reversed rows), retraining the tokenizer into its folder and editing the template
+    is refused, one line naming each; moving all of them and the base elsewhere resumes."""
+    first_dir = tmp_path / "first"
+    train_file, val_file, tok_dir, vocab = demo_corpus(first_dir, n_train=120, n_val=20)
+    template = first_dir / "chat.jinja"
+    template.write_text(chat_fixtures.LLAMA2_CHAT)
+    make_hf_llama(first_dir / "base", vocab_size=vocab, max_position_embeddings=128)
+
+    def values(directory: pathlib.Path, steps: int) -> dict:
+        return short_run(
+            directory / "train.jsonl",
+            directory / "val.jsonl",
+            directory / "tokenizer",
+            **{
+                "model.hf_path": str(directory / "base"),
+                "model.lora.rank": 4,
+                "data.template": "tokenizer",
+                "data.chat_template": str(directory / "chat.jinja"),
+                "train.num_steps": steps,
+                "eval.every_steps": 2,
+            },
+        )
+
+    def run(directory: pathlib.Path, steps: int) -> subprocess.CompletedProcess:
+        command = main_command(tmp_path / "run", values(directory, steps))
+        return subprocess.run(command, cwd=ROOT, capture_output=True, text=True, timeout=300)
+
+    done = run(first_dir, 2)
+    assert done.returncode == 0, done.stderr[-3000:]
+
+    kept = tmp_path / "kept"
+    shutil.copytree(first_dir, kept)
+    train_file.write_text("".join(reversed(train_file.read_text().splitlines(keepends=True))))
+    rows = [json.loads(line) for line in train_file.read_text().splitlines()]
+    demo_data.train_tokenizer([r["instruction"] for r in rows], tok_dir, vocab_size=300)
+    template.write_text(chat_fixtures.LLAMA2_CHAT + "{#- edited -#}\n")
+    refused = run(first_dir, 4)
+    assert refused.returncode == 2, refused.stderr[-3000:]
+    assert "Traceback" not in refused.stderr
+    (message,) = [line for line in refused.stderr.splitlines() if line.startswith("error:")]
+    assert "data.train_files: train.jsonl: same size, different content" in message
+    assert "data.tokenizer: tokenizer.json: " in message and " bytes (was " in message
+    size = len(chat_fixtures.LLAMA2_CHAT.encode())
+    assert f"data.chat_template: chat.jinja: {size + 15} bytes (was {size})" in message
+    assert "allow_config_change" in message
+
+    shutil.rmtree(first_dir)  # everything moves elsewhere, unchanged: the run goes on
+    resumed = run(kept, 4)
+    assert resumed.returncode == 0, resumed.stderr[-3000:]
+    assert "resumed from step 2" in resumed.stderr
+    for key in ("data.train_files", "data.tokenizer", "data.chat_template", "model.hf_path"):
+        assert re.search(rf"{key}: [^;]* \(same contents\)", resumed.stderr), key

@@ -202,44 +202,9 @@ def load_pretrained(
         raise CheckpointError(f"{directory}: missing tensor {missing[0]} ({len(missing)} missing)")
 
     stats = stats if stats is not None else LoadStats()
-    readers = {
-        file: safetensors_slices.SliceReader(file) for file in sorted(set(files.values()), key=str)
-    }
     loaded: dict = {}
-    stacked_pieces: dict = {}
-    for name, path_in_model, transform, layer in expected_keys(cfg):
-        reader = readers[files[name]]
-        full_path = model_path(cfg, path_in_model, layer)
-        target = tree_get(targets, full_path)
-        target_sharding = tree_get(shardings, full_path)
-        stacked = cfg.scan_layers and layer is not None
-        want = tuple(target.shape[1:] if stacked else target.shape)
-        hf_shape = reader.shape(name)
-        ours = jax.eval_shape(functools.partial(transform[0], h=cfg.head_dim), _spec(hf_shape))
-        if ours.shape != want:
-            raise CheckpointError(
-                f"{name}: checkpoint shape {hf_shape} gives {ours.shape} but the config "
-                f"expects {want}"
-            )
-        stats.bytes_total += math.prod(hf_shape) * reader.itemsize(name)
-        if stacked:
-            spec = jax.sharding.PartitionSpec(*target_sharding.spec[1:])
-            piece_sharding = jax.sharding.NamedSharding(mesh, spec)
-        else:
-            piece_sharding = target_sharding
-        piece = _read_placed(
-            reader, name, transform, cfg.head_dim, want, target.dtype, piece_sharding, stats
-        )
-        if stacked:
-            stacked_pieces.setdefault(full_path, []).append(piece)
-            if len(stacked_pieces[full_path]) == cfg.num_layers:
-                pieces = stacked_pieces.pop(full_path)
-                stack = jax.jit(lambda *xs: jnp.stack(xs), out_shardings=target_sharding)
-                _set(loaded, full_path, stack(*pieces))
-        else:
-            _set(loaded, full_path, piece)
-    for reader in readers.values():
-        reader.close()
+    for full_path, array in read_tensors(directory, cfg, targets, shardings, mesh, stats=stats):
+        _set(loaded, full_path, array)
     log.info(
         "read %.1f MiB of %.1f MiB of weights on process %d",
         stats.bytes_read / 2**20,
@@ -299,3 +264,75 @@ def _set(tree: dict, path: tuple, value) -> None:
     for key in path[:-1]:
         tree = tree.setdefault(key, {})
     tree[path[-1]] = value
+
+
+def read_tensors(
+    directory: epath.Path,
+    cfg: llama.LlamaConfig,
+    targets: dict,
+    shardings: dict,
+    mesh: jax.sharding.Mesh,
+    *,
+    stats: LoadStats | None = None,
+    dtype=None,
+):
+    """Yield (path in the model's pure dict, global array) for every tensor of `cfg`.
+
+    Each array is placed straight into its sharding from `shardings`, every device's slice
+    read on its own. Stacked layers (scan_layers) are read weight by weight, all layers of one
+    before the next, so only one weight's pieces wait to be stacked beyond what the caller
+    keeps. `targets` (pure dict of the model's abstract arrays) gives shapes and dtypes;
+    `dtype` overrides the latter (merge.py reads the base in fp32).
+    """
+    files = weight_files(directory)
+    stats = stats if stats is not None else LoadStats()
+    readers = {
+        file: safetensors_slices.SliceReader(file) for file in sorted(set(files.values()), key=str)
+    }
+    keys = list(expected_keys(cfg))
+    if cfg.scan_layers:  # stable: a weight's layers stay in order, together
+        group = {path: i for i, path in reversed(list(enumerate(k[1] for k in keys)))}
+        keys.sort(key=lambda k: group[k[1]])
+    stacked_pieces: dict = {}
+    try:
+        for name, path_in_model, transform, layer in keys:
+            reader = readers[files[name]]
+            full_path = model_path(cfg, path_in_model, layer)
+            target = tree_get(targets, full_path)
+            target_sharding = tree_get(shardings, full_path)
+            stacked = cfg.scan_layers and layer is not None
+            want = tuple(target.shape[1:] if stacked else target.shape)
+            hf_shape = reader.shape(name)
+            ours = jax.eval_shape(functools.partial(transform[0], h=cfg.head_dim), _spec(hf_shape))
+            if ours.shape != want:
+                raise CheckpointError(
+                    f"{name}: checkpoint shape {hf_shape} gives {ours.shape} but the config "
+                    f"expects {want}"
+                )
+            stats.bytes_total += math.prod(hf_shape) * reader.itemsize(name)
+            if stacked:
+                spec = jax.sharding.PartitionSpec(*target_sharding.spec[1:])
+                piece_sharding = jax.sharding.NamedSharding(mesh, spec)
+            else:
+                piece_sharding = target_sharding
+            piece = _read_placed(
+                reader,
+                name,
+                transform,
+                cfg.head_dim,
+                want,
+                dtype or target.dtype,
+                piece_sharding,
+                stats,
+            )
+            if stacked:
+                stacked_pieces.setdefault(full_path, []).append(piece)
+                if len(stacked_pieces[full_path]) == cfg.num_layers:
+                    pieces = stacked_pieces.pop(full_path)
+                    stack = jax.jit(lambda *xs: jnp.stack(xs), out_shardings=target_sharding)
+                    yield full_path, stack(*pieces)
+            else:
+                yield full_path, piece
+    finally:
+        for reader in readers.values():
+            reader.close()
