@@ -132,14 +132,13 @@ def _base_generation(base_dir) -> dict:
 
 
 def eos_token_ids(base_dir, tokenizer_eos: int) -> int | list[int]:
-    """The base's end-of-sequence ids (generation_config.json's, then config.json's) plus the
-    training tokenizer's when missing; one id stays an int, as transformers writes it."""
-    ids: list[int] = []
-    for name in ("generation_config.json", "config.json"):
-        value = _read_json(base_dir, name).get("eos_token_id")
-        for i in value if isinstance(value, list) else [] if value is None else [value]:
-            if i not in ids:
-                ids.append(int(i))
+    """The base's end-of-sequence ids (generation_config.json's, what `generate` stops on; else
+    config.json's) plus the training tokenizer's when missing; one id stays an int, as
+    transformers writes it."""
+    value = _read_json(base_dir, "generation_config.json").get("eos_token_id")
+    if value is None:
+        value = _read_json(base_dir, "config.json").get("eos_token_id")
+    ids = [int(i) for i in (value if isinstance(value, list) else [] if value is None else [value])]
     if tokenizer_eos is not None and tokenizer_eos not in ids:
         ids.append(int(tokenizer_eos))
     return ids[0] if len(ids) == 1 else ids

@@ -278,7 +278,8 @@ class RMSNorm(nnx.Module):
     def __call__(self, x: jax.Array) -> jax.Array:
         x32 = x.astype(jnp.float32)
         normed = x32 * jax.lax.rsqrt(jnp.mean(x32 * x32, axis=-1, keepdims=True) + self.eps)
-        return normed.astype(x.dtype) * self.weight[...].astype(x.dtype)
+        weight = self.weight[...].astype(x.dtype)
+        return normed.astype(x.dtype) * weight.reshape((1,) * (x.ndim - 1) + weight.shape)
 
 
 @functools.cache
@@ -340,9 +341,9 @@ class Attention(nnx.Module):
         k_BLKH = _project(self, "k", "bld,dkh->blkh", x_BLD, rng)
         v_BLKH = _project(self, "v", "bld,dkh->blkh", x_BLD, rng)
         if self.cfg.qkv_bias:
-            q_BLNH = q_BLNH + self.q_bias[...].astype(dt)
-            k_BLKH = k_BLKH + self.k_bias[...].astype(dt)
-            v_BLKH = v_BLKH + self.v_bias[...].astype(dt)
+            q_BLNH = q_BLNH + self.q_bias[...].astype(dt)[None, None]
+            k_BLKH = k_BLKH + self.k_bias[...].astype(dt)[None, None]
+            v_BLKH = v_BLKH + self.v_bias[...].astype(dt)[None, None]
         if self.cfg.qk_norm:
             q_BLNH, k_BLKH = self.q_norm(q_BLNH), self.k_norm(k_BLKH)
         q_BLNH = sharding.constrain(q_BLNH, ("batch", "seq", "heads", None))

@@ -72,7 +72,9 @@ def inverse_frequencies(
     scaling = scaling or {"rope_type": "default"}
     kind = scaling["rope_type"]
     exponents = np.arange(0, head_dim, 2, dtype=np.float32) / np.float32(head_dim)
-    powers = np.float32(theta) ** exponents
+    # theta ** e correctly rounded to fp32 (as torch's pow gives it; numpy's fp32 pow is off by
+    # an ulp for some e, which at position 40000 turns an angle by ~1e-3)
+    powers = (np.float64(np.float32(theta)) ** exponents.astype(np.float64)).astype(np.float32)
     inv_freq = np.float32(1.0) / powers
     if kind == "default":
         return inv_freq, 1.0
@@ -88,9 +90,12 @@ def _llama3(inv_freq: np.ndarray, factor: float, scaling: dict) -> np.ndarray:
     """Llama 3.1: long wavelengths divided by `factor`, short ones kept, a smooth ramp between."""
     low, high = float(scaling["low_freq_factor"]), float(scaling["high_freq_factor"])
     context = float(scaling["original_max_position_embeddings"])
-    wavelen = np.float32(2 * math.pi) / inv_freq
+    # scalar / tensor is reciprocal-then-multiply in torch; done alike, the rounding matches
+    wavelen = (np.float32(1.0) / inv_freq) * np.float32(2 * math.pi)
     scaled = np.where(wavelen > context / low, inv_freq / np.float32(factor), inv_freq)
-    smooth = (np.float32(context) / wavelen - np.float32(low)) / np.float32(high - low)
+    smooth = ((np.float32(1.0) / wavelen) * np.float32(context) - np.float32(low)) / np.float32(
+        high - low
+    )
     smoothed = (1 - smooth) * scaled / np.float32(factor) + smooth * scaled
     medium = ~(wavelen < context / high) & ~(wavelen > context / low)
     return np.where(medium, smoothed, scaled).astype(np.float32)
