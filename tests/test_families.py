@@ -5,6 +5,7 @@ by AutoModelForCausalLM, the LoRA adapter in PEFT, sliding windows, and what sta
 Every checkpoint is a tiny random one built by transformers' own config class (fp32).
 """
 
+import dataclasses
 import json
 import shutil
 
@@ -354,3 +355,30 @@ def test_export_keeps_the_base_eos_list(built, tmp_path):
     assert loaded.eos_token_id == [90, 91, 92, 93]
     assert hf_export.eos_token_ids(base, 91) == [90, 91, 92]
     assert hf_export.eos_token_ids(None, 2) == 2  # one id stays an int
+
+
+def test_biases_and_qk_norms_are_not_weight_decayed():
+    """AdamW's decay mask leaves biases and the q/k norms alone, as it does other norms."""
+    from sftjax import train
+
+    cfg = llama.LlamaConfig(
+        vocab_size=96,
+        embed_dim=64,
+        mlp_dim=96,
+        num_layers=2,
+        num_heads=4,
+        num_kv_heads=2,
+        max_seq_len=64,
+        model_type="qwen2",
+        qkv_bias=True,
+        scan_layers=True,
+    )
+    mesh = sharding.make_mesh(devices=jax.devices()[:1])
+    attention_mask = train._decay_mask(nnx.to_pure_dict(nnx.state(llama.abstract(cfg, mesh))))
+    attention_mask = attention_mask["layers"]["attention"]
+    assert {k for k, decays in attention_mask.items() if decays} == {"q", "k", "v", "o"}
+    qwen3 = llama.abstract(
+        dataclasses.replace(cfg, model_type="qwen3", qkv_bias=False, qk_norm=True), mesh
+    )
+    qwen3_mask = train._decay_mask(nnx.to_pure_dict(nnx.state(qwen3)))["layers"]["attention"]
+    assert not qwen3_mask["q_norm"]["weight"] and not qwen3_mask["k_norm"]["weight"]
