@@ -311,6 +311,10 @@ def test_both_rope_spellings_read_alike(tmp_path):
     every = dict(qwen, use_sliding_window=True, max_window_layers=0)
     assert hf_io.config_from_hf(every).sliding_window == 4096
     assert hf_io.config_from_hf(dict(every, max_window_layers=2)).sliding_window is None
+    # Mistral v0.2+: sliding_window null is plain causal attention
+    mistral = dict(qwen, model_type="mistral", sliding_window=None)
+    assert hf_io.config_from_hf(mistral).sliding_window is None
+    assert hf_io.config_from_hf(dict(mistral, sliding_window=4096)).sliding_window == 4096
 
 
 REFUSED = {
@@ -382,3 +386,18 @@ def test_biases_and_qk_norms_are_not_weight_decayed():
     )
     qwen3_mask = train._decay_mask(nnx.to_pure_dict(nnx.state(qwen3)))["layers"]["attention"]
     assert not qwen3_mask["q_norm"]["weight"] and not qwen3_mask["k_norm"]["weight"]
+
+
+def test_config_rope_scaling_sets_a_preset_and_must_agree_with_a_checkpoint(built):
+    llama3 = _llama3_hf("5.x")["rope_parameters"]
+    scaling = {k: v for k, v in llama3.items() if k != "rope_theta"}
+    preset = config_lib.model_config(config_with({"model.rope_scaling": scaling}).model)
+    assert preset.rope_dict == scaling and preset.model_type == "llama"
+    _, directory, _, model = built("llama3")
+    same = config_with({"model.hf_path": str(directory), "model.rope_scaling": scaling})
+    assert config_lib.model_config(same.model).rope_dict == model.cfg.rope_dict
+    other = dict(scaling, factor=4.0)
+    with pytest.raises(ValueError, match="model.rope_scaling=.* but .*config.json has"):
+        config_lib.model_config(
+            config_with({"model.hf_path": str(directory), "model.rope_scaling": other}).model
+        )
