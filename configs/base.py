@@ -18,6 +18,11 @@ def get_config() -> ml_collections.ConfigDict:
     c.model.scan_layers = True  # stack layers and lax.scan them: fast compiles at 70B
     c.model.remat = "save_dots"  # activation checkpointing: none, full, save_dots
     c.model.attention = "auto"  # auto: splash on TPU, cudnn on NVIDIA GPUs, else xla (reference)
+    # Rotary scaling in Hugging Face's dict spelling, e.g. dict(rope_type="llama3", factor=8.0,
+    # low_freq_factor=1.0, high_freq_factor=4.0, original_max_position_embeddings=8192); kinds:
+    # linear, llama3, yarn. None: the preset's (plain RoPE) or, with hf_path, the checkpoint's
+    # own config.json (a different value there is refused, not applied)
+    c.model.rope_scaling = None
     # LoRA only: dtype of the frozen base weights; "int8" stores the projections as int8 codes
     # with per-channel scales (QLoRA-style, about half of bf16's memory)
     c.model.base_dtype = "bfloat16"
@@ -33,7 +38,7 @@ def get_config() -> ml_collections.ConfigDict:
     c.optim.warmup_ratio = 0.03  # share of total steps spent warming up linearly from 0
     c.optim.end_lr_ratio = 0.0  # cosine decays to lr * end_lr_ratio at the last step
     c.optim.weight_decay = 0.0  # AdamW decoupled weight decay
-    c.optim.decay_norms_and_embeddings = False  # also decay RMSNorm scales and embeddings
+    c.optim.decay_norms_and_embeddings = False  # also decay RMSNorm scales, biases, embeddings
     c.optim.b1 = 0.9  # Adam first-moment decay
     c.optim.b2 = 0.95  # Adam second-moment decay
     c.optim.eps = 1e-8  # Adam epsilon

@@ -7,6 +7,7 @@ a range (`RANGES`), then what depends on several keys, the devices and the files
 """
 
 import dataclasses
+import logging
 import math
 from collections.abc import Sequence
 
@@ -117,6 +118,8 @@ RANGES = {
 }
 
 
+log = logging.getLogger("sftjax")
+
 # Any one of these in a directory lets transformers build a fast tokenizer.
 TOKENIZER_FILES = ("tokenizer.json", "tokenizer.model", "vocab.json")
 
@@ -152,10 +155,20 @@ def model_config(model: ml_collections.ConfigDict) -> llama.LlamaConfig:
             lora_dropout=lora["dropout"],
             base_dtype=model.base_dtype,
         )
+    scaling = model.get("rope_scaling")  # records of runs from before families lack it
+    scaling = None if scaling is None else dict(scaling)
     if model.hf_path:
-        return hf_io.read_config(model.hf_path, **numerics)
+        cfg = hf_io.read_config(model.hf_path, **numerics)
+        if scaling is not None and scaling != cfg.rope_dict:
+            raise ValueError(
+                f"model.rope_scaling={scaling} but {model.hf_path}/config.json has "
+                f"{cfg.rope_dict}: the checkpoint's own rope is what it was trained with; "
+                "set model.rope_scaling=None to use it"
+            )
+        return cfg
     vocab = {"vocab_size": model.vocab_size} if model.vocab_size else {}
-    return llama.preset(model.preset, **numerics, **vocab)
+    rope = {} if scaling is None else {"rope_scaling": scaling}
+    return llama.preset(model.preset, **numerics, **vocab, **rope)
 
 
 def _data_file_errors(key: str, spec: str) -> list[str]:
@@ -286,6 +299,12 @@ def _shape_errors(
         if cfg.embed_dim % fsdp:
             errors.append(
                 f"mesh fsdp={fsdp} must divide embed_dim={cfg.embed_dim}; change config.mesh"
+            )
+        if cfg.sliding_window is not None and cfg.sliding_window >= config.data.seq_len:
+            log.info(
+                "sliding_window=%d >= data.seq_len=%d: the window changes nothing in training",
+                cfg.sliding_window,
+                config.data.seq_len,
             )
         if config.data.seq_len > cfg.max_seq_len:
             errors.append(

@@ -433,6 +433,7 @@ def _finish(run: _Run, ckpt, writer, stop_reason: str, step: int, early, frozen)
                 dtype=config.checkpoint.export_dtype,
                 bos_token_id=run.tok.bos_id or run.tok.eos_id,
                 eos_token_id=run.tok.eos_id,
+                base_dir=config.model.hf_path or None,  # its eos ids and generation settings
                 overwrite=True,
             )
     writer.write(

@@ -62,11 +62,11 @@ def lr_schedule(optim, total_steps: int) -> optax.Schedule:
 
 
 def _decay_mask(params: dict) -> dict:
-    """True for weight matrices; False for RMSNorm scales and the embedding table."""
+    """True for weight matrices; False for RMSNorm scales, biases and the embedding table."""
 
     def decays(path, _) -> bool:
         names = [str(getattr(k, "key", k)) for k in path]
-        return not any(n == "embedding" or n.endswith("norm") for n in names)
+        return not any(n == "embedding" or n.endswith(("norm", "bias")) for n in names)
 
     return jax.tree_util.tree_map_with_path(decays, params)
 

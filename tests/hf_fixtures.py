@@ -72,3 +72,87 @@ def _forward():
     return nnx.jit(
         lambda model, tokens, positions, segment_ids: model(tokens, positions, segment_ids)
     )
+
+
+# The families of tests/test_families.py: (transformers config class name, its extra fields).
+FAMILIES = {
+    "llama3": (
+        "LlamaConfig",
+        dict(
+            rope_parameters=dict(
+                rope_type="llama3",
+                rope_theta=500000.0,
+                factor=8.0,
+                low_freq_factor=1.0,
+                high_freq_factor=4.0,
+                original_max_position_embeddings=8192,
+            ),
+            max_position_embeddings=131072,
+        ),
+    ),
+    "linear": (
+        "LlamaConfig",
+        dict(rope_parameters=dict(rope_type="linear", rope_theta=10000.0, factor=4.0)),
+    ),
+    "yarn": (
+        "Qwen2Config",
+        dict(
+            rope_parameters=dict(
+                rope_type="yarn",
+                rope_theta=1000000.0,
+                factor=4.0,
+                original_max_position_embeddings=4096,
+            ),
+            max_position_embeddings=16384,
+        ),
+    ),
+    "qwen2": ("Qwen2Config", dict(rope_parameters=dict(rope_type="default", rope_theta=1e6))),
+    # head_dim 24 is not hidden / heads (16): q/k norms over 24, o_proj in from 4 x 24
+    "qwen3": ("Qwen3Config", dict(head_dim=24)),
+    "mistral": ("MistralConfig", dict(sliding_window=5)),  # smaller than the test rows
+}
+
+
+def make_hf_family(directory: pathlib.Path, family: str, *, seed: int = 0, **overrides):
+    """Save a random tiny model of `family` (FAMILIES) built by transformers' own config class,
+    norms and biases randomised (zeros and ones would hide a misplaced one); return it."""
+    import torch
+    import transformers
+
+    class_name, fields = FAMILIES[family]
+    torch.manual_seed(seed)
+    fields = {
+        "vocab_size": 96,
+        "hidden_size": 64,
+        "intermediate_size": 96,
+        "num_hidden_layers": 2,
+        "num_attention_heads": 4,
+        "num_key_value_heads": 2,
+        "max_position_embeddings": 64,
+        "rms_norm_eps": 1e-5,
+        "initializer_range": 0.05,  # logits of order 1, so relative errors mean something
+        **fields,
+        **overrides,
+    }
+    hf_config = getattr(transformers, class_name)(**fields)
+    model = transformers.AutoModelForCausalLM.from_config(hf_config).float().eval()
+    with torch.no_grad():
+        for name, p in model.named_parameters():
+            if "norm" in name:
+                p.copy_(1.0 + 0.1 * torch.randn_like(p))
+            elif name.endswith("bias"):
+                p.copy_(0.1 * torch.randn_like(p))
+    model.save_pretrained(directory, safe_serialization=True)
+    return model
+
+
+def hf_logits_at(model, tokens: np.ndarray, positions: np.ndarray) -> np.ndarray:
+    """HF logits of unpadded rows [B, L] at explicit position ids."""
+    import torch
+
+    with torch.no_grad():
+        out = model(
+            torch.as_tensor(tokens, dtype=torch.long),
+            position_ids=torch.as_tensor(np.ascontiguousarray(positions), dtype=torch.long),
+        )
+    return out.logits.float().numpy()

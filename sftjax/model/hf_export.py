@@ -1,7 +1,8 @@
 """Our NNX Llama -> a Hugging Face directory: weights, config, tokenizer, chat template; atomic.
 
-Owns writing an export that `transformers.LlamaForCausalLM.from_pretrained` loads: safetensors
-shards (one tensor gathered at a time), config.json, generation_config.json, the tokenizer
+Owns writing an export that `transformers.AutoModelForCausalLM.from_pretrained` loads as the
+family it came from (hf_io.config_to_hf): safetensors shards (one tensor gathered at a time),
+config.json, generation_config.json (the base's, its end-of-sequence ids kept), the tokenizer
 files with the training format's chat template and BOS rule, and `sftjax_format.json`. A local
 export is written into a temporary sibling directory renamed into place at the end; a gs://
 export is uploaded beside its final name before replacing it. `recover_export` repairs what a
@@ -59,15 +60,18 @@ def save_pretrained(
     dtype: str | None = None,
     bos_token_id: int = 1,
     eos_token_id: int = 2,
+    base_dir: str | os.PathLike | None = None,
     max_shard_bytes: int = MAX_SHARD_BYTES,
     overwrite: bool = False,
 ) -> pathlib.Path:
-    """Write a directory `transformers.LlamaForCausalLM.from_pretrained` loads, atomically.
+    """Write a directory `transformers.AutoModelForCausalLM.from_pretrained` loads, atomically.
 
     Tensors go out one at a time (gathered to process 0 for multi-host). `dtype` defaults to the
     parameter dtype. An existing `path` is replaced only with `overwrite=True`, and only after
     the new export is complete. With `tokenizer_dir`, the tokenizer is exported too (see
     export_tokenizer: `chat_template`, `add_bos`); `training_format` is written as JSON.
+    `base_dir`: the HF model fine-tuned; its end-of-sequence ids and generation settings are
+    kept (Llama-3.1 stops on three ids), with `eos_token_id` (the tokenizer's) added.
     """
     cfg: llama.LlamaConfig = model.cfg
     if cfg.lora_rank:
@@ -76,7 +80,13 @@ def save_pretrained(
         )
     dtype = dtype or cfg.param_dtype
     with _staged(path, overwrite) as staging:
-        _write_model(model, staging, dtype, bos_token_id, eos_token_id, max_shard_bytes)
+        eos = eos_token_ids(base_dir, eos_token_id)
+        generation = {
+            **_base_generation(base_dir),
+            "bos_token_id": bos_token_id,
+            "eos_token_id": eos,
+        }
+        _write_model(model, staging, dtype, bos_token_id, generation, max_shard_bytes)
         if staging is None:  # not the writing process
             return paths.resolve(path)
         if tokenizer_dir is not None:
@@ -111,7 +121,30 @@ def _staged(path, overwrite: bool):
         _replace_dir(staging, pathlib.Path(final))
 
 
-def _write_model(model, staging, dtype: str, bos_token_id, eos_token_id, max_shard_bytes) -> None:
+def _read_json(directory, name: str) -> dict:
+    file = None if not directory else paths.resolve(directory) / name
+    return json.loads(file.read_text()) if file is not None and file.exists() else {}
+
+
+def _base_generation(base_dir) -> dict:
+    """The base model's generation_config.json (sampling defaults), {} without one."""
+    return _read_json(base_dir, "generation_config.json")
+
+
+def eos_token_ids(base_dir, tokenizer_eos: int) -> int | list[int]:
+    """The base's end-of-sequence ids (generation_config.json's, what `generate` stops on; else
+    config.json's) plus the training tokenizer's when missing; one id stays an int, as
+    transformers writes it."""
+    value = _read_json(base_dir, "generation_config.json").get("eos_token_id")
+    if value is None:
+        value = _read_json(base_dir, "config.json").get("eos_token_id")
+    ids = [int(i) for i in (value if isinstance(value, list) else [] if value is None else [value])]
+    if tokenizer_eos is not None and tokenizer_eos not in ids:
+        ids.append(int(tokenizer_eos))
+    return ids[0] if len(ids) == 1 else ids
+
+
+def _write_model(model, staging, dtype: str, bos_token_id, generation, max_shard_bytes) -> None:
     """Safetensors shards (+ index), config.json and generation_config.json into `staging`.
 
     Every process takes part (multi-host gathers are collective); only process 0 writes.
@@ -145,10 +178,9 @@ def _write_model(model, staging, dtype: str, bos_token_id, eos_token_id, max_sha
         index = {"metadata": {"total_size": total}, "weight_map": weight_map}
         (staging / "model.safetensors.index.json").write_text(json.dumps(index, indent=2))
     hf_config = hf_io.config_to_hf(
-        cfg, dtype=dtype, bos_token_id=bos_token_id, eos_token_id=eos_token_id
+        cfg, dtype=dtype, bos_token_id=bos_token_id, eos_token_id=generation["eos_token_id"]
     )
     (staging / "config.json").write_text(json.dumps(hf_config, indent=2))
-    generation = {"bos_token_id": bos_token_id, "eos_token_id": eos_token_id}
     (staging / "generation_config.json").write_text(json.dumps(generation, indent=2))
 
 
@@ -162,7 +194,8 @@ def save_adapter(
 ) -> pathlib.Path:
     """A PEFT LoRA adapter directory: adapter_config.json + adapter_model.safetensors.
 
-    `peft.PeftModel.from_pretrained(LlamaForCausalLM.from_pretrained(base), path)` loads it.
+    `peft.PeftModel.from_pretrained(AutoModelForCausalLM.from_pretrained(base), path)` loads
+    it for every family (Llama, Mistral, Qwen2 and Qwen3 name their projections alike).
     PEFT's lora_A.weight is [r, in] and lora_B.weight is [out, r] with HF's flattening of heads
     (q_proj's out = heads × head_dim, o_proj's in likewise), so A [*in, r] -> reshape(-1, r).T
     and B [r, *out] -> reshape(r, -1).T. Replaced atomically like save_pretrained.

@@ -1,7 +1,9 @@
-"""Hugging Face Llama checkpoints <-> our NNX Llama: one key table, streamed, sharded, atomic.
+"""Hugging Face checkpoints <-> our NNX Llama: one key table, streamed, sharded, atomic.
 
-Owns the HF boundary: config.json translation, the tensor-name table and the layout transforms
-(HF Linear weights are [out, in]; ours are [in, heads, head_dim] etc.). Loading reads one tensor
+Owns the HF boundary: config.json translation (model_type llama, mistral, qwen2 and qwen3, both
+rope spellings; every other architecture refused in one line naming what is missing), the
+tensor-name table and the layout transforms (HF Linear weights are [out, in]; ours are
+[in, heads, head_dim] etc.). Loading reads one tensor
 at a time (safetensors, memory-mapped) and places it straight into its target sharding, so a 70B
 checkpoint is never whole on one host. Saving writes into a temporary sibling directory that is
 renamed at the end, so an interrupted export never leaves a half-written model behind.
@@ -25,6 +27,7 @@ from flax import nnx
 
 from sftjax import paths, sharding
 from sftjax.model import llama, safetensors_slices
+from sftjax.model import rope as rope_kinds
 from sftjax.model.safetensors_slices import LoadStats
 
 Transform = tuple[Callable, Callable]  # (hf -> ours, ours -> hf); second arg: head_dim
@@ -38,6 +41,11 @@ _IN_HEADS: Transform = (  # [heads*H, D] <-> [D, heads, H]
 _OUT_HEADS: Transform = (  # [D, N*H] <-> [N, H, D]
     lambda w, h: w.T.reshape(-1, h, w.shape[0]),
     lambda w, h: w.reshape(-1, w.shape[-1]).T,
+)
+
+_HEAD_VECTOR: Transform = (  # [heads*H] <-> [heads, H]
+    lambda w, h: w.reshape(-1, h),
+    lambda w, h: w.reshape(-1),
 )
 
 # (HF name, our path inside the model, transform). "{i}" = layer index.
@@ -57,6 +65,24 @@ LAYER_KEYS = (
     ("model.layers.{i}.mlp.up_proj.weight", ("mlp", "up"), _LINEAR),
     ("model.layers.{i}.mlp.down_proj.weight", ("mlp", "down"), _LINEAR),
 )
+# Family tensors, present when the LlamaConfig flag that names them is set.
+FAMILY_KEYS = (
+    ("model.layers.{i}.self_attn.q_proj.bias", ("attention", "q_bias"), _HEAD_VECTOR, "qkv_bias"),
+    ("model.layers.{i}.self_attn.k_proj.bias", ("attention", "k_bias"), _HEAD_VECTOR, "qkv_bias"),
+    ("model.layers.{i}.self_attn.v_proj.bias", ("attention", "v_bias"), _HEAD_VECTOR, "qkv_bias"),
+    (
+        "model.layers.{i}.self_attn.q_norm.weight",
+        ("attention", "q_norm", "weight"),
+        _COPY,
+        "qk_norm",
+    ),
+    (
+        "model.layers.{i}.self_attn.k_norm.weight",
+        ("attention", "k_norm", "weight"),
+        _COPY,
+        "qk_norm",
+    ),
+)
 # Buffers some older exports carry; they are recomputed, never loaded.
 IGNORED_SUFFIXES = ("rotary_emb.inv_freq",)
 log = logging.getLogger("sftjax")
@@ -66,18 +92,98 @@ class CheckpointError(ValueError):
     """A Hugging Face directory we cannot load, with the reason and the fix."""
 
 
+ARCHITECTURES = {
+    "llama": "LlamaForCausalLM",
+    "mistral": "MistralForCausalLM",
+    "qwen2": "Qwen2ForCausalLM",
+    "qwen3": "Qwen3ForCausalLM",
+}
+
+
+def _rope_from_hf(hf: dict) -> tuple[float, dict | None]:
+    """(rope_theta, rope_scaling or None) from either spelling transformers writes.
+
+    transformers 5: `rope_parameters` {rope_type, rope_theta, factor, ...}; 4.x: top-level
+    `rope_theta` and `rope_scaling` (null or a dict, `type` being the old name of rope_type).
+    """
+    rope = dict(hf.get("rope_scaling") or hf.get("rope_parameters") or {})
+    if any(isinstance(v, dict) for v in rope.values()):
+        raise CheckpointError(f"per-layer-type rope parameters {rope} are not supported")
+    theta = float(rope.pop("rope_theta", None) or hf.get("rope_theta") or 10000.0)
+    kind = rope.pop("rope_type", None) or rope.pop("type", None) or "default"
+    rope.pop("type", None)
+    partial = rope.pop("partial_rotary_factor", hf.get("partial_rotary_factor")) or 1.0
+    if partial != 1.0:
+        raise CheckpointError(f"partial_rotary_factor={partial} is not supported (only 1.0)")
+    if kind == "default":
+        return theta, None
+    if kind in ("llama3", "yarn") and rope.get("original_max_position_embeddings") is None:
+        # transformers' own default: the pre-scaling context is max_position_embeddings
+        original = hf.get("original_max_position_embeddings") or hf.get("max_position_embeddings")
+        rope["original_max_position_embeddings"] = original
+    if kind == "yarn" and rope.get("factor") is None:
+        rope["factor"] = hf["max_position_embeddings"] / rope["original_max_position_embeddings"]
+    scaling = {"rope_type": kind, **rope}
+    try:
+        rope_kinds.check(scaling)
+    except ValueError as e:
+        raise CheckpointError(str(e)) from None
+    return theta, scaling
+
+
+def _window_from_hf(hf: dict, model_type: str) -> int | None:
+    """The sliding window every layer uses, or None; per-layer windows refused.
+
+    Mistral windows every layer when `sliding_window` is set. Qwen2/Qwen3 window only when
+    `use_sliding_window` is true, and then only layers >= `max_window_layers` (transformers 5
+    also writes the outcome as `layer_types`).
+    """
+    window = hf.get("sliding_window")
+    if model_type == "llama":
+        return None
+    if model_type == "mistral":
+        return window
+    n = hf["num_hidden_layers"]
+    layer_types = hf.get("layer_types")
+    if layer_types is None:
+        if not hf.get("use_sliding_window") or window is None:
+            return None
+        first = hf.get("max_window_layers", 28)  # transformers' default
+        layer_types = ["sliding_attention" if i >= first else "full_attention" for i in range(n)]
+    kinds = set(layer_types)
+    if not kinds <= {"full_attention", "sliding_attention"}:
+        raise CheckpointError(f"layer_types {sorted(kinds)}: only full and sliding attention")
+    if kinds == {"full_attention"}:
+        return None
+    if window is None:  # transformers ignores sliding layers without a window
+        return None
+    if len(kinds) > 1:
+        raise CheckpointError(
+            f"a sliding window on some layers only (layer_types {layer_types}) is not supported: "
+            "one window holds for every layer here (with scan_layers they are one computation)"
+        )
+    return window
+
+
 def config_from_hf(hf: dict, **overrides) -> llama.LlamaConfig:
     """Our LlamaConfig from a HF config.json dict; refuses architecture features we don't run."""
-    if hf.get("model_type", "llama") != "llama":
-        raise CheckpointError(f"model_type={hf.get('model_type')!r}: only 'llama' is supported")
-    for flag in ("attention_bias", "mlp_bias"):
-        if hf.get(flag):
-            raise CheckpointError(f"{flag}=true is not supported (Llama-2 has no biases)")
+    model_type = hf.get("model_type", "llama")
+    if model_type not in ARCHITECTURES:
+        raise CheckpointError(
+            f"model_type={model_type!r} is not supported: sftjax runs the Llama architecture "
+            f"and its near relatives {sorted(ARCHITECTURES)} (no other attention, MLP, MoE or "
+            "norm layout)"
+        )
+    if hf.get("attention_bias"):
+        raise CheckpointError(
+            f"{model_type}: attention_bias=true (biases on q, k, v and o) is not supported; "
+            "only Qwen2's q/k/v biases are"
+        )
+    if hf.get("mlp_bias"):
+        raise CheckpointError(f"{model_type}: mlp_bias=true is not supported (no MLP biases)")
     if hf.get("hidden_act", "silu") != "silu":
         raise CheckpointError(f"hidden_act={hf['hidden_act']!r}: only 'silu' (SwiGLU) is supported")
-    rope = hf.get("rope_parameters") or hf.get("rope_scaling") or {}
-    if rope.get("rope_type", rope.get("type", "default")) != "default":
-        raise CheckpointError(f"rope scaling {rope} is not supported; only plain RoPE")
+    theta, scaling = _rope_from_hf(hf)
     fields = dict(
         vocab_size=hf["vocab_size"],
         embed_dim=hf["hidden_size"],
@@ -87,18 +193,27 @@ def config_from_hf(hf: dict, **overrides) -> llama.LlamaConfig:
         num_kv_heads=hf.get("num_key_value_heads") or hf["num_attention_heads"],
         max_seq_len=hf.get("max_position_embeddings", 4096),
         head_dim=hf.get("head_dim"),
-        rope_theta=float(rope.get("rope_theta", hf.get("rope_theta", 10000.0))),
+        rope_theta=theta,
+        rope_scaling=scaling,
         norm_eps=hf.get("rms_norm_eps", 1e-5),
         tie_embeddings=bool(hf.get("tie_word_embeddings", False)),
+        model_type=model_type,
+        qkv_bias=model_type == "qwen2",  # Qwen2 always has them, with no flag to say so
+        qk_norm=model_type == "qwen3",
+        sliding_window=_window_from_hf(hf, model_type),
     )
     return llama.LlamaConfig(**{**fields, **overrides})
 
 
-def config_to_hf(cfg: llama.LlamaConfig, *, dtype: str, bos_token_id: int, eos_token_id: int):
-    """A config.json dict that `transformers.LlamaForCausalLM` reads back to the same model."""
-    return {
-        "architectures": ["LlamaForCausalLM"],
-        "model_type": "llama",
+def config_to_hf(
+    cfg: llama.LlamaConfig, *, dtype: str, bos_token_id: int, eos_token_id: int | list[int]
+) -> dict:
+    """A config.json dict that transformers' class of `cfg.model_type` reads back to the same
+    model; the rope written in both spellings (5.x `rope_parameters`, 4.x `rope_scaling`)."""
+    scaling = cfg.rope_dict
+    hf = {
+        "architectures": [ARCHITECTURES[cfg.model_type]],
+        "model_type": cfg.model_type,
         "vocab_size": cfg.vocab_size,
         "hidden_size": cfg.embed_dim,
         "intermediate_size": cfg.mlp_dim,
@@ -109,16 +224,31 @@ def config_to_hf(cfg: llama.LlamaConfig, *, dtype: str, bos_token_id: int, eos_t
         "max_position_embeddings": cfg.max_seq_len,
         "rms_norm_eps": cfg.norm_eps,
         "rope_theta": cfg.rope_theta,
-        "rope_parameters": {"rope_type": "default", "rope_theta": cfg.rope_theta},
+        "rope_scaling": scaling,
+        "rope_parameters": {
+            "rope_type": "default",
+            **(scaling or {}),
+            "rope_theta": cfg.rope_theta,
+        },
         "tie_word_embeddings": cfg.tie_embeddings,
         "hidden_act": "silu",
-        "attention_bias": False,
-        "mlp_bias": False,
-        "bos_token_id": bos_token_id,
-        "eos_token_id": eos_token_id,
-        "torch_dtype": dtype,
-        "dtype": dtype,
     }
+    if cfg.model_type in ("llama", "qwen3"):
+        hf["attention_bias"] = False
+    if cfg.model_type == "llama":
+        hf["mlp_bias"] = False
+    if cfg.model_type == "mistral":
+        hf["sliding_window"] = cfg.sliding_window
+    if cfg.model_type in ("qwen2", "qwen3"):
+        windowed = cfg.sliding_window is not None
+        hf.update(
+            use_sliding_window=windowed,
+            sliding_window=cfg.sliding_window,
+            max_window_layers=0 if windowed else cfg.num_layers,
+            layer_types=[f"{'sliding' if windowed else 'full'}_attention"] * cfg.num_layers,
+        )
+    hf.update(bos_token_id=bos_token_id, eos_token_id=eos_token_id, torch_dtype=dtype, dtype=dtype)
+    return hf
 
 
 def expected_keys(cfg: llama.LlamaConfig):
@@ -126,8 +256,9 @@ def expected_keys(cfg: llama.LlamaConfig):
     for name, path, transform in GLOBAL_KEYS:
         if not (name == "lm_head.weight" and cfg.tie_embeddings):
             yield name, path, transform, None
+    family = tuple((name, path, t) for name, path, t, flag in FAMILY_KEYS if getattr(cfg, flag))
     for i in range(cfg.num_layers):
-        for name, path, transform in LAYER_KEYS:
+        for name, path, transform in LAYER_KEYS + family:
             yield name.format(i=i), path, transform, i
 
 
@@ -245,6 +376,7 @@ _HF_INDEX = {
     _LINEAR: lambda index, h: (index[1], index[0]),
     _IN_HEADS: lambda index, h: (_heads_rows(index[1], h), index[0]),  # [D,N,H] <- [N*H, D]
     _OUT_HEADS: lambda index, h: (index[2], _heads_rows(index[0], h)),  # [N,H,D] <- [D, N*H]
+    _HEAD_VECTOR: lambda index, h: (_heads_rows(index[0], h),),  # [N,H] <- [N*H]
 }
 
 

@@ -1,8 +1,11 @@
-"""Flax NNX Llama-2: RMSNorm, rotary embeddings (HF rotate-half), grouped-query attention, SwiGLU.
+"""Flax NNX Llama: RMSNorm, rotary embeddings, grouped-query attention, SwiGLU.
 
 Owns the architecture and the logical axis names of every parameter. It does not own how those
-names map to devices (sharding.py) nor the Hugging Face key table (model/hf_io.py). The rotary
-convention is Hugging Face's `LlamaForCausalLM`, so imported weights need no permutation.
+names map to devices (sharding.py), the Hugging Face key table (model/hf_io.py) nor the rotary
+frequencies (model/rope.py). The families people fine-tune (Llama 2/3, Mistral, Qwen2/2.5,
+Qwen3) are this one architecture with a few LlamaConfig fields set: q/k/v biases (Qwen2), an
+RMSNorm over each head's q and k (Qwen3), a rope scaling kind (Llama 3.1, long-context
+checkpoints) and a sliding attention window (Mistral); nothing else branches on the family.
 
 Shape legend: B batch, L seq, D embed, N q-heads, K kv-heads, H head_dim, F mlp, V vocab.
 Calling convention: `model(tokens_BL, positions_BL, segment_ids_BL) -> logits_BLV`; positions
@@ -12,6 +15,7 @@ Decoding passes a `Cache` as well: `model(tokens_BL, positions_BL, segment_ids_B
 """
 
 import dataclasses
+import functools
 import math
 from typing import Literal, NamedTuple
 
@@ -20,9 +24,16 @@ import jax.numpy as jnp
 from flax import nnx, struct
 
 from sftjax import sharding
-from sftjax.model import attention, int8, lora
+from sftjax.model import attention, int8, lora, rope
 
 Remat = Literal["none", "full", "save_dots"]
+# HF model_type (written back on export) -> its fixed (qkv_bias, qk_norm) in transformers.
+MODEL_TYPES = {
+    "llama": (False, False),
+    "mistral": (False, False),
+    "qwen2": (True, False),
+    "qwen3": (False, True),
+}
 
 
 @dataclasses.dataclass(frozen=True)
@@ -46,6 +57,14 @@ class LlamaConfig:
     remat: Remat = "none"
     attention: str = "xla"  # model/attention.py CHOICES; "auto" picks by platform at trace time
     init_std: float = 0.02
+    # Family fields (hf_io reads them from config.json; hf_export writes them back).
+    model_type: str = "llama"  # one of MODEL_TYPES
+    qkv_bias: bool = False  # biases on q, k and v (Qwen2 / Qwen2.5), not on o or the MLP
+    qk_norm: bool = False  # RMSNorm over each head's q and k before rotary (Qwen3)
+    # HF's own dict spelling ({"rope_type": "llama3", "factor": 8.0, ...}); None = plain RoPE.
+    # Stored as a sorted tuple of items so the config stays hashable; read it as `rope_dict`.
+    rope_scaling: dict | None = None
+    sliding_window: int | None = None  # a query sees itself and the window - 1 keys before it
     # LoRA (model/lora.py): rank 0 = full fine-tuning. Under LoRA only the adapters train (in
     # param_dtype); the frozen base weights are held in base_dtype ("int8": model/int8.py).
     lora_rank: int = 0
@@ -56,6 +75,23 @@ class LlamaConfig:
 
     def __post_init__(self):
         object.__setattr__(self, "lora_targets", lora.parse_targets(self.lora_targets))
+        if self.model_type not in MODEL_TYPES:
+            raise ValueError(f"model_type={self.model_type!r}: choose one of {list(MODEL_TYPES)}")
+        if (self.qkv_bias, self.qk_norm) != MODEL_TYPES[self.model_type]:
+            bias, norm = MODEL_TYPES[self.model_type]
+            raise ValueError(
+                f"model_type={self.model_type!r} has qkv_bias={bias}, qk_norm={norm} in "
+                f"transformers, not {self.qkv_bias}, {self.qk_norm}: the export would differ"
+            )
+        if self.sliding_window is not None and self.model_type == "llama":
+            raise ValueError("model_type='llama' has no sliding window; use 'mistral'")
+        scaling = self.rope_scaling
+        if scaling is not None and not isinstance(scaling, tuple):
+            scaling = tuple(sorted(dict(scaling).items())) or None
+        object.__setattr__(self, "rope_scaling", scaling)
+        rope.check(self.rope_dict)
+        if self.sliding_window is not None and self.sliding_window < 1:
+            raise ValueError(f"sliding_window={self.sliding_window}: need >= 1, or None (off)")
         if self.base_dtype not in ("float32", "bfloat16", "int8"):
             raise ValueError(f"base_dtype={self.base_dtype!r}: choose float32, bfloat16 or int8")
         if self.lora_rank < 0 or self.lora_alpha <= 0 or not 0 <= self.lora_dropout < 1:
@@ -73,6 +109,11 @@ class LlamaConfig:
             object.__setattr__(self, "head_dim", self.embed_dim // self.num_heads)
         if self.head_dim % 2:
             raise ValueError(f"head_dim={self.head_dim} must be even for rotary embeddings")
+
+    @property
+    def rope_dict(self) -> dict | None:
+        """rope_scaling as HF's dict (None: plain RoPE)."""
+        return None if self.rope_scaling is None else dict(self.rope_scaling)
 
     @property
     def quantized_base(self) -> bool:
@@ -95,6 +136,7 @@ class LlamaConfig:
         d, f, n, k = self.embed_dim, self.mlp_dim, self.num_heads, self.num_kv_heads
         h = self.head_dim
         attn = d * n * h * 2 + d * k * h * 2
+        attn += (n * h + 2 * k * h) * self.qkv_bias + 2 * h * self.qk_norm
         block = attn + 3 * d * f + 2 * d
         head = 0 if self.tie_embeddings else d * self.vocab_size
         return self.vocab_size * d + self.num_layers * block + d + head
@@ -223,30 +265,27 @@ def _project(module: nnx.Module, name: str, spec: str, x, rng):
 
 
 class RMSNorm(nnx.Module):
-    """x / rms(x) * w, normalised in fp32 then cast back before the scale (as HF does)."""
+    """x / rms(x) * w over the last axis (embed, or head_dim for Qwen3's q/k norms),
+    normalised in fp32 then cast back before the scale (as HF does)."""
 
-    def __init__(self, cfg: LlamaConfig):
+    def __init__(self, cfg: LlamaConfig, size: int | None = None):
         self.eps = cfg.norm_eps
         self.weight = nnx.Param(
-            jnp.ones((cfg.embed_dim,), jnp.dtype(cfg.weights_dtype)), out_sharding=("norm",)
+            jnp.ones((size or cfg.embed_dim,), jnp.dtype(cfg.weights_dtype)),
+            out_sharding=("norm",),
         )
 
-    def __call__(self, x_BLD: jax.Array) -> jax.Array:
-        x32 = x_BLD.astype(jnp.float32)
+    def __call__(self, x: jax.Array) -> jax.Array:
+        x32 = x.astype(jnp.float32)
         normed = x32 * jax.lax.rsqrt(jnp.mean(x32 * x32, axis=-1, keepdims=True) + self.eps)
-        return normed.astype(x_BLD.dtype) * self.weight[...].astype(x_BLD.dtype)[None, None, :]
+        weight = self.weight[...].astype(x.dtype)
+        return normed.astype(x.dtype) * weight.reshape((1,) * (x.ndim - 1) + weight.shape)
 
 
-def rotary(x_BLNH: jax.Array, positions_BL: jax.Array, theta: float) -> jax.Array:
-    """HF rotate-half RoPE: pairs (i, i + H/2) rotate by position * theta^(-2i/H), in fp32."""
-    head_dim = x_BLNH.shape[-1]
-    inv_freq = 1.0 / theta ** (jnp.arange(0, head_dim, 2, dtype=jnp.float32) / head_dim)
-    angles_BLh = positions_BL.astype(jnp.float32)[:, :, None] * inv_freq[None, None, :]
-    cos = jnp.cos(angles_BLh)[:, :, None, :]
-    sin = jnp.sin(angles_BLh)[:, :, None, :]
-    x1, x2 = jnp.split(x_BLNH.astype(jnp.float32), 2, axis=-1)
-    out = jnp.concatenate([x1 * cos - x2 * sin, x2 * cos + x1 * sin], axis=-1)
-    return out.astype(x_BLNH.dtype)
+@functools.cache
+def _rope_tables(cfg: LlamaConfig):
+    """(inverse frequencies, cos/sin scale): numpy constants, computed once per config."""
+    return rope.inverse_frequencies(cfg.head_dim, cfg.rope_theta, cfg.rope_dict)
 
 
 class Attention(nnx.Module):
@@ -265,6 +304,15 @@ class Attention(nnx.Module):
         self.o, self.o_scale = _projection(
             rngs, cfg, (n, h, d), ("heads", "head_dim", "embed"), std, 2
         )
+        # Biases and q/k norms are never quantised nor adapted: under LoRA they stay frozen.
+        zeros = lambda shape, names: nnx.Param(  # noqa: E731
+            jnp.zeros(shape, jnp.dtype(cfg.weights_dtype)), out_sharding=names
+        )
+        self.q_bias = zeros((n, h), ("heads", "head_dim")) if cfg.qkv_bias else None
+        self.k_bias = zeros((k, h), ("kv_heads", "head_dim")) if cfg.qkv_bias else None
+        self.v_bias = zeros((k, h), ("kv_heads", "head_dim")) if cfg.qkv_bias else None
+        self.q_norm = RMSNorm(cfg, h) if cfg.qk_norm else None
+        self.k_norm = RMSNorm(cfg, h) if cfg.qk_norm else None
         embed, heads, kv_heads = (
             ((d, "embed"),),
             ((n, "heads"), (h, "head_dim")),
@@ -292,12 +340,25 @@ class Attention(nnx.Module):
         q_BLNH = _project(self, "q", "bld,dnh->blnh", x_BLD, rng)
         k_BLKH = _project(self, "k", "bld,dkh->blkh", x_BLD, rng)
         v_BLKH = _project(self, "v", "bld,dkh->blkh", x_BLD, rng)
+        if self.cfg.qkv_bias:
+            q_BLNH = q_BLNH + self.q_bias[...].astype(dt)[None, None]
+            k_BLKH = k_BLKH + self.k_bias[...].astype(dt)[None, None]
+            v_BLKH = v_BLKH + self.v_bias[...].astype(dt)[None, None]
+        if self.cfg.qk_norm:
+            q_BLNH, k_BLKH = self.q_norm(q_BLNH), self.k_norm(k_BLKH)
         q_BLNH = sharding.constrain(q_BLNH, ("batch", "seq", "heads", None))
-        q_BLNH = rotary(q_BLNH, positions_BL, self.cfg.rope_theta)
-        k_BLKH = rotary(k_BLKH, positions_BL, self.cfg.rope_theta)
+        inv_freq, scale = _rope_tables(self.cfg)
+        q_BLNH = rope.rotate(q_BLNH, positions_BL, inv_freq, scale)
+        k_BLKH = rope.rotate(k_BLKH, positions_BL, inv_freq, scale)
+        window = self.cfg.sliding_window
         if cache is None:
             out_BLNH = attention.attend(
-                q_BLNH, k_BLKH, v_BLKH, segment_ids_BL, implementation=self.cfg.attention
+                q_BLNH,
+                k_BLKH,
+                v_BLKH,
+                segment_ids_BL,
+                window=window,
+                implementation=self.cfg.attention,
             )
         else:
             k_BSKH = jax.lax.dynamic_update_slice_in_dim(
@@ -314,6 +375,7 @@ class Attention(nnx.Module):
                 segment_ids_BL,
                 kv_segment_ids_BS=cache.segment_ids_BS,
                 q_start=cache.start,
+                window=window,
                 implementation=self.cfg.attention,
             )
         return _project(self, "o", "blnh,nhd->bld", out_BLNH.astype(dt), rng), cache
