@@ -130,8 +130,8 @@ def test_a_template_that_rewrites_earlier_turns_is_refused(llama2, tmp_path):
         template.segments(rows[0])
 
 
-def test_a_template_whose_boundaries_merge_tokens_is_refused(llama2, tmp_path):
-    paths = write_formats(tmp_path, [[("user", "Say th"), ("assistant", "e end")]])
+def test_a_boundary_that_merges_when_whole_is_counted_and_trained_segment_wise(llama2, tmp_path):
+    paths = write_formats(tmp_path, [[("user", "Say th"), ("assistant", "e end")], *CONVERSATIONS])
     (tmp_path / "glued.jinja").write_text(GLUED)
     config = base_config().data
     config.update(
@@ -139,9 +139,21 @@ def test_a_template_whose_boundaries_merge_tokens_is_refused(llama2, tmp_path):
         validation_files=str(paths["messages"]),
         template="tokenizer",
         chat_template=str(tmp_path / "glued.jinja"),
+        leakage="warn",
     )
-    with pytest.raises(TemplateError, match=f"{paths['messages']}:1: .* differently"):
-        pipeline.load_splits(config, llama2)
+    train, _, report = pipeline.load_splits(config, llama2)
+    assert report.boundary_merges == 2  # the glued row, in training and in validation
+    assert report.merged_examples == [f"{paths['messages']}:1"] * 2
+    line = [x for x in report.summary().splitlines() if x.startswith("segment boundaries")]
+    assert line[0].startswith("segment boundaries: 2 examples tokenize differently")
+    assert line[0].endswith(f"sees them): {paths['messages']}:1, {paths['messages']}:1")
+    # Trained ids: the prompt encoded alone, then the answer (what generation sees).
+    prompt = _hf_ids(llama2, GLUED, [{"role": "user", "content": "Say th"}])
+    answer = llama2.continuation.encode("e end", add_special_tokens=False).ids + [llama2.eos_id]
+    whole = _hf_ids(llama2, GLUED, as_messages([("user", "Say th"), ("assistant", "e end")]))
+    assert prompt + answer != whole
+    assert np.r_[train[0].tokens[:1], train[0].targets].tolist() == prompt + answer
+    assert train[0].loss_mask.tolist() == [0] * (len(prompt) - 1) + [1] * len(answer)
 
 
 def test_a_tokenizer_without_a_chat_template_is_explained(llama2):
