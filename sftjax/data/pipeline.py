@@ -130,7 +130,13 @@ def _read(files: str, config: ml_collections.ConfigDict) -> tuple[list, records.
 def make_template(config: ml_collections.ConfigDict, tok: tokenize.SegmentTokenizer):
     """The data section's template; data.chat_template (a .jinja file) overrides the tokenizer's."""
     jinja = paths.resolve(config.chat_template).read_text() if config.chat_template else ""
-    return chat_templates.make_template(config.template, tok.hf, jinja)
+    return chat_templates.make_template(
+        config.template,
+        tok.hf,
+        jinja,
+        origin=config.chat_template,
+        last_turn_only=config.train_on == "last_assistant_turn",
+    )
 
 
 def _encode(
