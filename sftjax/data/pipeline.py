@@ -37,7 +37,7 @@ import dataclasses
 import logging
 import math
 import time
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 
 import grain
 import ml_collections
@@ -272,18 +272,62 @@ def encode_rows(
     return [tokenize.to_example(fitted_by_row[i]) for i in sorted(fitted_by_row)]
 
 
+def overlong_rows(
+    config: ml_collections.ConfigDict, tok: tokenize.SegmentTokenizer
+) -> Callable[[records.Row], bool]:
+    """Whether the length policy certainly drops a row, judged from its characters alone.
+
+    read_splits takes such rows out before grouping, so a 50 MB line never reaches the
+    near-duplicate pass or the tokenizer. Only rows with more characters than seq_len + 1
+    tokens could cover are rendered to check; a row that might fit is always kept.
+    """
+    if tok.max_token_chars is None:
+        return lambda row: False
+    template = make_template(config, tok)
+    limit = config.seq_len + 1
+    framed = template.framed
+
+    def dropped(row: records.Row) -> bool:
+        turns = row.conversation()
+        if sum(len(text) for _, text in turns) <= limit * tok.max_token_chars:
+            return False
+        segments = template.segments(row)
+        if not tokenize.surely_longer(segments, tok, limit, framed=framed):
+            return False
+        if config.overlong == "truncate_prompt":
+            return _cut_prompt(segments, tok, config.seq_len, framed) is None
+        if config.overlong == "truncate_history":
+            last = _without_history(row, (len(turns) - 1) // 2)
+            return last is None or tokenize.surely_longer(
+                template.segments(last), tok, limit, framed=framed
+            )
+        return True
+
+    return dropped
+
+
 def read_splits(
-    config: ml_collections.ConfigDict,
+    config: ml_collections.ConfigDict, dropped: Callable[[records.Row], bool] | None = None
 ) -> tuple[list[records.Row], list[records.Row], DataReport]:
     """Read and validate the files, then split by groups or apply the leakage policy.
 
+    dropped (overlong_rows): rows taken out first, counted as over-long and dropped.
     Raises BadRowsError (bad_rows="fail") or groups.LeakageError (leakage="fail").
     """
     if config.leakage not in groups.LEAKAGE_POLICIES:
         raise ValueError(f"data.leakage {config.leakage!r} is not one of {groups.LEAKAGE_POLICIES}")
-    train_rows, train_report = _read(config.train_files, config)
+    too_long = 0
+
+    def read(files: str) -> tuple[list[records.Row], records.RecordReport]:
+        nonlocal too_long
+        rows, counts = _read(files, config)
+        kept = [r for r in rows if dropped is None or not dropped(r)]
+        too_long += len(rows) - len(kept)
+        return kept, counts
+
+    train_rows, train_report = read(config.train_files)
     if config.validation_files:
-        validation_rows, validation_report = _read(config.validation_files, config)
+        validation_rows, validation_report = read(config.validation_files)
         start = time.perf_counter()
         report = DataReport(train_report, validation_report, leakage=config.leakage)
         report.leaks, grouping = groups.find_leaks(train_rows, validation_rows)
@@ -306,6 +350,7 @@ def read_splits(
         validation_rows = [r for r, h in zip(train_rows, held, strict=True) if h]
         train_rows = [r for r, h in zip(train_rows, held, strict=True) if not h]
     report.grouping_seconds = time.perf_counter() - start
+    report.overlong_dropped += too_long
     return train_rows, validation_rows, report
 
 
@@ -336,7 +381,7 @@ def load_splits(
     config: ml_collections.ConfigDict, tok: tokenize.SegmentTokenizer
 ) -> tuple[list[Example], list[Example], DataReport]:
     """Read, validate, split and encode the data section's files (read_splits says what raises)."""
-    train_rows, validation_rows, report = read_splits(config)
+    train_rows, validation_rows, report = read_splits(config, overlong_rows(config, tok))
     train, validation = encode_splits(config, tok, train_rows, validation_rows, report)
     return train, validation, report
 

@@ -76,7 +76,8 @@ def build_report(
     counting = ml_collections.ConfigDict(data.to_dict())
     counting.bad_rows = "skip"
     counting.leakage = "warn"
-    train_rows, validation_rows, report = pipeline.read_splits(counting)
+    dropped = pipeline.overlong_rows(counting, tok)
+    train_rows, validation_rows, report = pipeline.read_splits(counting, dropped)
     train, _ = pipeline.encode_splits(counting, tok, train_rows, validation_rows, report)
     rows = [*train_rows, *validation_rows]  # the order encode_splits recorded lengths in
     efficiency, per_row = pipeline.packing_stats(
