@@ -25,6 +25,7 @@ from chat_fixtures import (
     write_formats,
 )
 from conftest import shared_path
+from tokenizer_fixtures import MISTRAL_NO_SYSTEM
 from train_fixtures import base_config
 
 from sftjax.data import chat_templates, pipeline, records, tokenize
@@ -242,3 +243,66 @@ def test_training_refuses_a_rewriting_template_in_one_line(tmp_path):
     assert "Traceback" not in done.stderr
     (line,) = [x for x in done.stderr.splitlines() if x.startswith("error:")]
     assert re.match(f"error: {paths['messages']}:[12]: the chat template's render of", line)
+
+
+# A user's template failing in every way jinja can: (template, words its message must contain).
+FAILING = {
+    "raise_exception": ("{{- raise_exception('no system turns here') }}", "no system turns here"),
+    "sandbox": ("{{- messages.__class__.__mro__ }}", "SecurityError"),
+    "syntax": ("{%- for m in messages %}\n{{- m['content'] }}\n", "TemplateSyntaxError"),
+    "unknown_filter": ("\n\n{{- messages | frobnicate }}", "No filter named 'frobnicate'"),
+    "type_error": ("{{- messages[0]['content'] + 1 }}", "TypeError"),
+    "zero_division": ("\n{{- (messages | length) / 0 }}", "ZeroDivisionError"),
+    "roles_alternate": (MISTRAL_NO_SYSTEM, "Conversation roles must alternate"),
+}
+
+
+@pytest.mark.parametrize("name", sorted(FAILING))
+def test_a_failing_user_template_is_one_line_naming_the_row_and_template(name, llama2, tmp_path):
+    jinja, words = FAILING[name]
+    paths = write_formats(tmp_path, [CONVERSATIONS[1]])  # a system turn first
+    template_file = tmp_path / f"{name}.jinja"
+    template_file.write_text(jinja)
+    config = base_config().data
+    config.update(
+        train_files=str(paths["messages"]),
+        validation_files=str(paths["messages"]),
+        template="tokenizer",
+        chat_template=str(template_file),
+    )
+    with pytest.raises(TemplateError) as error:
+        pipeline.load_splits(config, llama2)
+    message = str(error.value)
+    assert "\n" not in message and words in message
+    assert message.startswith(f"{paths['messages']}:1: the chat template ({template_file}")
+    if name in ("syntax", "unknown_filter", "zero_division"):  # where in the template
+        line = {"syntax": 2, "unknown_filter": 3, "zero_division": 2}[name]
+        assert f"{template_file}, line {line})" in message
+
+
+def test_a_template_that_never_ends_is_stopped_in_one_line_through_the_cli(tmp_path):
+    paths = write_formats(tmp_path, CONVERSATIONS[:1])
+    (tmp_path / "loops.jinja").write_text(
+        "{%- for i in range(100000) %}{%- for j in range(100000) %}{%- endfor %}{%- endfor %}"
+    )
+    root = pathlib.Path(__file__).resolve().parents[1]
+    command = [
+        sys.executable,
+        "-m",
+        "sftjax.main",
+        "--config=configs/base.py",
+        f"--workdir={tmp_path / 'run'}",
+        f"--config.data.train_files={paths['messages']}",
+        f"--config.data.validation_files={paths['messages']}",
+        f"--config.data.tokenizer={shared_path('llama2_tokenizer')}",
+        "--config.data.template=tokenizer",
+        f"--config.data.chat_template={tmp_path / 'loops.jinja'}",
+        "--config.data.seq_len=256",
+    ]
+    env = {"PYTHONPATH": str(root), "PATH": "/usr/bin:/bin", "JAX_PLATFORMS": "cpu"}
+    done = subprocess.run(command, cwd=root, env=env, capture_output=True, text=True, timeout=120)
+    assert done.returncode == 2, done.stderr[-2000:]
+    assert "Traceback" not in done.stderr
+    (line,) = [x for x in done.stderr.splitlines() if x.startswith("error:")]
+    assert line.startswith(f"error: {paths['messages']}:1: the chat template ({tmp_path}")
+    assert "ran longer than 2 s on this row and was stopped" in line

@@ -46,6 +46,7 @@ log = logging.getLogger("sftjax")
 
 
 RENDER_SECONDS = 2.0  # per render of one row, plus 1 s per million characters in it
+PROBE_SECONDS = 0.5  # per render of make_template's probe, which only decides a warning
 
 
 class TemplateError(ValueError):
@@ -97,11 +98,12 @@ class RenderedTemplate:
     framed: bool = False  # the template writes BOS / EOS itself
     origin: str = "the tokenizer's chat_template"  # or the data.chat_template file, for messages
     last_turn_only: bool = False  # data.train_on="last_assistant_turn": one span, the last
+    render_seconds: float = RENDER_SECONDS  # the time limit of one render (+ 1 s per M chars)
 
     def _render(self, messages: list[dict], generation_prompt: bool, source: str) -> str:
         """apply_chat_template(tokenize=False), every failure one TemplateError naming `source`."""
         chars = sum(len(m["content"]) for m in messages)
-        limit = RENDER_SECONDS + chars / 1e6
+        limit = self.render_seconds + chars / 1e6
         try:
             with _time_limit(limit):
                 return self.hf.apply_chat_template(
@@ -112,7 +114,7 @@ class RenderedTemplate:
                 )
         except _RenderTimeout:
             raise TemplateError(
-                f"{source}: the chat template ({self.origin}) ran longer than {limit:.0f} s on "
+                f"{source}: the chat template ({self.origin}) ran longer than {limit:g} s on "
                 "this row and was stopped; fix the template's loops"
             ) from None
         except Exception as e:  # the user's template failed: its own words, where it failed
@@ -226,7 +228,9 @@ def make_template(
     )
     probe = Row("probe", messages=(("user", "Hi"), ("assistant", "Hello")))
     try:
-        trained = [s for s in template.segments(probe) if s.trainable]
+        # A quick look for the warning below; rows find and name any failure themselves.
+        quick = dataclasses.replace(template, render_seconds=PROBE_SECONDS)
+        trained = [s for s in quick.segments(probe) if s.trainable]
     except TemplateError:
         return template  # refused row by row, each named, when the data is encoded
     if hf.eos_token not in [s.text for s in trained if s.special]:

@@ -283,14 +283,15 @@ def overlong_rows(
     """
     if tok.max_token_chars is None:
         return lambda row: False
-    template = make_template(config, tok)
     limit = config.seq_len + 1
-    framed = template.framed
+    made = []  # the template, made at the first long row (most data has none)
 
     def dropped(row: records.Row) -> bool:
         turns = row.conversation()
         if sum(len(text) for _, text in turns) <= limit * tok.max_token_chars:
             return False
+        made[:] = made or [make_template(config, tok)]
+        template, framed = made[0], made[0].framed
         segments = template.segments(row)
         if not tokenize.surely_longer(segments, tok, limit, framed=framed):
             return False
