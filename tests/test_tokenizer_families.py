@@ -4,9 +4,11 @@ boundary merges), one BOS where the family has one, none for Qwen, only answers 
 trained; boundaries that merge when encoded whole are counted, never refused."""
 
 import json
+import subprocess
 
 import numpy as np
 import pytest
+import transformers
 from chat_fixtures import CONVERSATIONS, as_messages, write_formats
 from tokenizer_fixtures import llama3_tokenizer, mistral_tokenizer, qwen_tokenizer
 from train_fixtures import base_config
@@ -153,3 +155,75 @@ def test_qwen3_template_trains_the_last_answer_exactly_or_says_how(families, tmp
     trained = tok.decode(ids[start:-1])
     assert trained == "<think>\nNot blue again.\n</think>\n\nRed.<|im_end|>"
     assert "The user wants one." not in tok.decode(ids)  # the earlier reasoning was dropped
+
+
+LLAMA31_EOS = [128001, 128008, 128009]  # Llama-3.1-Instruct's config.json
+
+
+@pytest.fixture(scope="module")
+def llama3_run(family_dirs, tmp_path_factory):
+    """`python -m sftjax.main` fine-tunes a tiny Llama-3-shaped base (vocab 128256, eos list)
+    with the Llama-3 tokenizer and its own chat template: 1 step, then the HF export."""
+    from hf_fixtures import make_hf_llama
+    from train_fixtures import config_with, main_command, short_run
+
+    root = tmp_path_factory.mktemp("llama3_cli")
+    make_hf_llama(  # tied and narrow: the 128256-row table is most of the (compile) cost
+        root / "base",
+        tie=True,
+        vocab_size=128256,
+        hidden_size=32,
+        intermediate_size=64,
+        num_attention_heads=2,
+        num_key_value_heads=1,
+        max_position_embeddings=256,
+        bos_token_id=128000,
+        eos_token_id=LLAMA31_EOS,
+    )
+    chats = write_formats(root, CONVERSATIONS)["messages"]
+    values = short_run(chats, chats, family_dirs["llama3"])
+    values.update(
+        {
+            "model.hf_path": str(root / "base"),
+            "data.template": "tokenizer",
+            "data.seq_len": 256,
+            "data.leakage": "warn",
+            "train.num_steps": 1,
+            "eval.every_steps": 1,
+            "checkpoint.export_hf": True,
+        }
+    )
+    done = subprocess.run(
+        main_command(root / "run", values), capture_output=True, text=True, timeout=400
+    )
+    return done, config_with(values), root / "run"
+
+
+def test_llama3_tokenizer_trains_through_the_cli_on_its_own_chat_template(llama3_run, families):
+    done, config, workdir = llama3_run
+    assert done.returncode == 0, done.stderr[-3000:]
+    assert "segment boundaries: 0 examples" in done.stderr
+    tok = families["llama3"]
+    train, _, _ = pipeline.load_splits(config.data, tok)  # what that run trained on
+    for turns, example in zip(CONVERSATIONS, train, strict=True):
+        messages = as_messages(turns)
+        ids = _ids(example)
+        assert ids == _hf_ids(tok, messages) and ids.count(128000) == 1 and ids[0] == 128000
+        trained = np.asarray(ids)[np.asarray(_mask(example)) == 1]
+        assert list(trained).count(128009) == sum(r == "assistant" for r, _ in turns)
+        assert {128006, 128007, 128000} & set(trained.tolist()) == set()  # no header trained
+    exported = transformers.AutoTokenizer.from_pretrained(workdir / "hf_export")
+    messages = as_messages(CONVERSATIONS[1])
+    assert exported.apply_chat_template(messages, tokenize=True, return_dict=False) == _ids(
+        train[1]
+    )
+
+
+def test_llama3_export_keeps_the_base_eos_list(llama3_run):
+    """Generation stops at any of the base's end tokens (<|end_of_text|>, <|eom_id|>,
+    <|eot_id|>); the training tokenizer's EOS, <|eot_id|>, is one of them."""
+    done, _, workdir = llama3_run
+    assert done.returncode == 0, done.stderr[-3000:]
+    for name in ("config.json", "generation_config.json"):
+        written = json.loads((workdir / "hf_export" / name).read_text())
+        assert written["eos_token_id"] == LLAMA31_EOS, name
