@@ -247,3 +247,27 @@ def test_huge_lines_are_judged_from_characters_then_dropped_or_cut(tok, tmp_path
     want = tokenize.to_example(tokenize.fit_length(full, 128, "truncate_prompt"))
     (got,) = [e for e in train if tok.decode(e.targets[-3:-1]) == "the end"]
     assert np.array_equal(got.tokens, want.tokens) and np.array_equal(got.loss_mask, want.loss_mask)
+
+
+def test_truncate_history_drops_a_huge_early_turn_without_tokenizing_it(tok, tmp_path):
+    from train_fixtures import base_config
+
+    from sftjax.data import pipeline
+
+    def chat(first_question: str, last_question: str) -> dict:
+        turns = [("system", "Be brief."), ("user", first_question), ("assistant", "One.")]
+        turns += [("user", last_question), ("assistant", "Two.")]
+        return {"messages": [{"role": r, "content": c} for r, c in turns]}
+
+    huge = "word " * 400_000
+    path = tmp_path / "chats.jsonl"
+    rows = [chat("Hi", "Next?"), chat(huge, "Next?"), chat("Hi", huge)]
+    path.write_text("".join(json.dumps(r) + "\n" for r in rows))
+    config = base_config().data
+    config.update(train_files=str(path), validation_files="", validation_fraction=0.0)
+    config.update(seq_len=128, overlong="truncate_history", template="chat")
+    train, _, report = pipeline.load_splits(config, tok)
+    assert (report.overlong_dropped, report.history_truncated, report.turns_cut) == (1, 1, 2)
+    assert len(report.prompt_lengths) == 1  # only the short conversation was tokenized whole
+    kept = tok.decode(np.r_[train[1].tokens[:1], train[1].targets])
+    assert kept.startswith("<s> [INST] <<SYS>>\nBe brief.\n<</SYS>>\n\nNext? [/INST] Two.")

@@ -75,8 +75,8 @@ class DataReport:
     # counting BOS with the prompt and EOS with the response.
     prompt_lengths: list[int] = dataclasses.field(default_factory=list)
     response_lengths: list[int] = dataclasses.field(default_factory=list)
-    # Examples (train + validation) where some segment boundary tokenizes differently when the
-    # whole string is encoded; trained segment-wise, as generation sees them (tokenize.py).
+    # Examples kept (train + validation) where some segment boundary tokenizes differently when
+    # the whole string is encoded; trained segment-wise, as generation sees them (tokenize.py).
     boundary_merges: int = 0
     merged_examples: list[str] = dataclasses.field(default_factory=list)  # first few, file:line
 
@@ -173,12 +173,18 @@ def _truncate_history(row, template, tok, config, report) -> Encoded | None:
         segments = template.segments(shorter)
         if tokenize.surely_longer(segments, tok, config.seq_len + 1, framed=template.framed):
             continue
-        (encoded,), _ = _encode([segments], template, tok, config.train_on)
+        (encoded,), merged = _encode([segments], template, tok, config.train_on)
         if len(encoded.ids) - 1 <= config.seq_len:
+            _count_merges(report, [row.source] if merged else [])
             report.history_truncated += 1
             report.turns_cut += 2 * cut
             return encoded
     return None
+
+
+def _count_merges(report: DataReport, sources: list[str]) -> None:
+    report.boundary_merges += len(sources)
+    report.merged_examples += sources[: groups.MAX_QUOTED - len(report.merged_examples)]
 
 
 def _cut_prompt(
@@ -244,9 +250,7 @@ def encode_rows(
         else:
             report.overlong_dropped += 1
     encoded, merged = _encode([s for _, s in todo], template, tok, config.train_on)
-    report.boundary_merges += len(merged)
-    room = groups.MAX_QUOTED - len(report.merged_examples)
-    report.merged_examples += [rows[todo[m][0]].source for m in merged[:room]]
+    merged_rows = {todo[m][0] for m in merged}  # counted where the example is kept
     fitted_by_row: dict[int, Encoded] = {}
     for (i, _), example in zip(todo, encoded, strict=True):
         trained = int(example.trainable.sum())
@@ -262,6 +266,7 @@ def encode_rows(
         report.prompt_truncated += int(
             fitted is not example and config.overlong == "truncate_prompt"
         )
+        _count_merges(report, [rows[i].source] if i in merged_rows else [])
         fitted_by_row[i] = fitted
     for i in sorted(by_history):
         fitted = _truncate_history(rows[i], template, tok, config, report)
@@ -297,8 +302,9 @@ def overlong_rows(
             return False
         if config.overlong == "truncate_prompt":
             return _cut_prompt(segments, tok, config.seq_len, framed) is None
-        if config.overlong == "truncate_history":
-            last = _without_history(row, (len(turns) - 1) // 2)
+        if config.overlong == "truncate_history":  # the last exchange, and a system turn
+            exchanges = (len(turns) - (turns[0][0] == "system")) // 2
+            last = _without_history(row, exchanges - 1) if exchanges > 1 else row
             return last is None or tokenize.surely_longer(
                 template.segments(last), tok, limit, framed=framed
             )
