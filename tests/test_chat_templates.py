@@ -25,6 +25,7 @@ from chat_fixtures import (
     write_formats,
 )
 from conftest import shared_path
+from tokenizer_fixtures import MISTRAL_NO_SYSTEM
 from train_fixtures import base_config
 
 from sftjax.data import chat_templates, pipeline, records, tokenize
@@ -130,8 +131,8 @@ def test_a_template_that_rewrites_earlier_turns_is_refused(llama2, tmp_path):
         template.segments(rows[0])
 
 
-def test_a_template_whose_boundaries_merge_tokens_is_refused(llama2, tmp_path):
-    paths = write_formats(tmp_path, [[("user", "Say th"), ("assistant", "e end")]])
+def test_a_boundary_that_merges_when_whole_is_counted_and_trained_segment_wise(llama2, tmp_path):
+    paths = write_formats(tmp_path, [[("user", "Say th"), ("assistant", "e end")], *CONVERSATIONS])
     (tmp_path / "glued.jinja").write_text(GLUED)
     config = base_config().data
     config.update(
@@ -139,9 +140,21 @@ def test_a_template_whose_boundaries_merge_tokens_is_refused(llama2, tmp_path):
         validation_files=str(paths["messages"]),
         template="tokenizer",
         chat_template=str(tmp_path / "glued.jinja"),
+        leakage="warn",
     )
-    with pytest.raises(TemplateError, match=f"{paths['messages']}:1: .* differently"):
-        pipeline.load_splits(config, llama2)
+    train, _, report = pipeline.load_splits(config, llama2)
+    assert report.boundary_merges == 2  # the glued row, in training and in validation
+    assert report.merged_examples == [f"{paths['messages']}:1"] * 2
+    line = [x for x in report.summary().splitlines() if x.startswith("segment boundaries")]
+    assert line[0].startswith("segment boundaries: 2 examples tokenize differently")
+    assert line[0].endswith(f"sees them): {paths['messages']}:1, {paths['messages']}:1")
+    # Trained ids: the prompt encoded alone, then the answer (what generation sees).
+    prompt = _hf_ids(llama2, GLUED, [{"role": "user", "content": "Say th"}])
+    answer = llama2.continuation.encode("e end", add_special_tokens=False).ids + [llama2.eos_id]
+    whole = _hf_ids(llama2, GLUED, as_messages([("user", "Say th"), ("assistant", "e end")]))
+    assert prompt + answer != whole
+    assert np.r_[train[0].tokens[:1], train[0].targets].tolist() == prompt + answer
+    assert train[0].loss_mask.tolist() == [0] * (len(prompt) - 1) + [1] * len(answer)
 
 
 def test_a_tokenizer_without_a_chat_template_is_explained(llama2):
@@ -230,3 +243,66 @@ def test_training_refuses_a_rewriting_template_in_one_line(tmp_path):
     assert "Traceback" not in done.stderr
     (line,) = [x for x in done.stderr.splitlines() if x.startswith("error:")]
     assert re.match(f"error: {paths['messages']}:[12]: the chat template's render of", line)
+
+
+# A user's template failing in every way jinja can: (template, words its message must contain).
+FAILING = {
+    "raise_exception": ("{{- raise_exception('no system turns here') }}", "no system turns here"),
+    "sandbox": ("{{- messages.__class__.__mro__ }}", "SecurityError"),
+    "syntax": ("{%- for m in messages %}\n{{- m['content'] }}\n", "TemplateSyntaxError"),
+    "unknown_filter": ("\n\n{{- messages | frobnicate }}", "No filter named 'frobnicate'"),
+    "type_error": ("{{- messages[0]['content'] + 1 }}", "TypeError"),
+    "zero_division": ("\n{{- (messages | length) / 0 }}", "ZeroDivisionError"),
+    "roles_alternate": (MISTRAL_NO_SYSTEM, "Conversation roles must alternate"),
+}
+
+
+@pytest.mark.parametrize("name", sorted(FAILING))
+def test_a_failing_user_template_is_one_line_naming_the_row_and_template(name, llama2, tmp_path):
+    jinja, words = FAILING[name]
+    paths = write_formats(tmp_path, [CONVERSATIONS[1]])  # a system turn first
+    template_file = tmp_path / f"{name}.jinja"
+    template_file.write_text(jinja)
+    config = base_config().data
+    config.update(
+        train_files=str(paths["messages"]),
+        validation_files=str(paths["messages"]),
+        template="tokenizer",
+        chat_template=str(template_file),
+    )
+    with pytest.raises(TemplateError) as error:
+        pipeline.load_splits(config, llama2)
+    message = str(error.value)
+    assert "\n" not in message and words in message
+    assert message.startswith(f"{paths['messages']}:1: the chat template ({template_file}")
+    if name in ("syntax", "unknown_filter", "zero_division"):  # where in the template
+        line = {"syntax": 2, "unknown_filter": 3, "zero_division": 2}[name]
+        assert f"{template_file}, line {line})" in message
+
+
+def test_a_template_that_never_ends_is_stopped_in_one_line_through_the_cli(tmp_path):
+    paths = write_formats(tmp_path, CONVERSATIONS[:1])
+    (tmp_path / "loops.jinja").write_text(
+        "{%- for i in range(100000) %}{%- for j in range(100000) %}{%- endfor %}{%- endfor %}"
+    )
+    root = pathlib.Path(__file__).resolve().parents[1]
+    command = [
+        sys.executable,
+        "-m",
+        "sftjax.main",
+        "--config=configs/base.py",
+        f"--workdir={tmp_path / 'run'}",
+        f"--config.data.train_files={paths['messages']}",
+        f"--config.data.validation_files={paths['messages']}",
+        f"--config.data.tokenizer={shared_path('llama2_tokenizer')}",
+        "--config.data.template=tokenizer",
+        f"--config.data.chat_template={tmp_path / 'loops.jinja'}",
+        "--config.data.seq_len=256",
+    ]
+    env = {"PYTHONPATH": str(root), "PATH": "/usr/bin:/bin", "JAX_PLATFORMS": "cpu"}
+    done = subprocess.run(command, cwd=root, env=env, capture_output=True, text=True, timeout=120)
+    assert done.returncode == 2, done.stderr[-2000:]
+    assert "Traceback" not in done.stderr
+    (line,) = [x for x in done.stderr.splitlines() if x.startswith("error:")]
+    assert line.startswith(f"error: {paths['messages']}:1: the chat template ({tmp_path}")
+    assert "ran longer than 2 s on this row and was stopped" in line

@@ -35,6 +35,7 @@ def test_report_on_alpaca_fails_on_the_two_empty_outputs(tmp_path):
     assert "rows read: 2017" in out and "duplicates: 0" in out
     for section in (
         "over-long examples (> seq_len 2048 tokens): 0",
+        "segment boundaries: 0 examples tokenize differently when encoded whole",
         "prompt tokens: p50",
         "response tokens: p50",
         "packing at seq_len 2048",

@@ -4,6 +4,7 @@ The whole-string reference is the HF tokenizer itself (see tokenize.py's docstri
 [bos] + hf(prompt + response, add_special_tokens=False, split_special_tokens=True) + [eos].
 """
 
+import dataclasses
 import json
 
 import numpy as np
@@ -188,3 +189,85 @@ def test_empty_first_segment_still_gets_bos(tok):
         *tok.continuation.encode("x", add_special_tokens=False).ids,
         tok.eos_id,
     ]
+
+
+def test_no_shared_row_merges_at_its_boundary_and_the_vocabulary_shortcut_agrees(tok, shared_rows):
+    """Llama-2 never joins across "### Response:\\n" | answer: 0 merges counted, and the
+    vocabulary shortcut (no token holds "\\n" + anything) gives what the whole encode gives."""
+    segments = [templates.alpaca(r) for r in shared_rows]
+    encoded = tokenize.encode_many(segments, tok)
+    assert tok.boundary_pairs is not None
+    assert tokenize.boundary_merges(segments, encoded, tok) == []
+    whole_only = dataclasses.replace(tok, boundary_pairs=None)
+    assert tokenize.boundary_merges(segments, encoded, whole_only) == []
+
+
+def test_the_character_bound_is_exact_at_the_edge(tok):
+    """ "-" * 16 is one Llama-2 token, the longest: k of them are k tokens, and the bound says
+    "certainly longer" only past the true count."""
+    assert tok.max_token_chars == 16
+    for k in (1, 7, 300):
+        segments = [Segment("### Response:\n", False), Segment("-" * 16 * k, True)]
+        n = len(tokenize.encode(segments, tok).ids)
+        assert n == 1 + len(tok.first.encode("### Response:\n", add_special_tokens=False)) + k + 1
+        assert not tokenize.surely_longer(segments, tok, n, framed=True)
+        answer_only = [Segment("-" * 16 * k, True)]  # BOS + k + EOS: the bound is the count
+        assert not tokenize.surely_longer(answer_only, tok, k + 2, framed=True)
+        assert tokenize.surely_longer(answer_only, tok, k + 1, framed=True)
+
+
+def test_huge_lines_are_judged_from_characters_then_dropped_or_cut(tok, tmp_path):
+    """A 5 MB one-word answer and a 1M-word prompt: dropped and counted without being
+    tokenized; under truncate_prompt a long prompt is cut from characters first and gives the
+    very ids that cutting its full encoding gives."""
+    from train_fixtures import base_config
+
+    from sftjax.data import pipeline
+
+    rows = [{"instruction": f"Say {i}", "response": f"ok {i}"} for i in range(4)]
+    long_prompt = " ".join(f"w{i % 97}" for i in range(20_000))  # 130 kB, truncatable
+    rows += [
+        {"instruction": "Repeat", "response": "x" * 5_000_000},
+        {"instruction": "word " * 1_000_000, "response": "short"},
+        {"instruction": long_prompt, "response": "the end"},
+    ]
+    path = tmp_path / "huge.jsonl"
+    path.write_text("".join(json.dumps(r) + "\n" for r in rows))
+    config = base_config().data
+    config.update(train_files=str(path), validation_files="", validation_fraction=0.0)
+    config.update(seq_len=128, overlong="drop")
+    train, _, report = pipeline.load_splits(config, tok)
+    assert (len(train), report.overlong_dropped, report.prompt_truncated) == (4, 3, 0)
+    assert len(report.prompt_lengths) == 4  # the huge rows were never tokenized
+    config.overlong = "truncate_prompt"
+    rows_read, _ = records.read_records(str(path))
+    train, _, report = pipeline.load_splits(config, tok)
+    assert (report.overlong_dropped, report.prompt_truncated) == (1, 2)  # the 5 MB answer
+    full = tokenize.encode(templates.alpaca(rows_read[-1]), tok)
+    want = tokenize.to_example(tokenize.fit_length(full, 128, "truncate_prompt"))
+    (got,) = [e for e in train if tok.decode(e.targets[-3:-1]) == "the end"]
+    assert np.array_equal(got.tokens, want.tokens) and np.array_equal(got.loss_mask, want.loss_mask)
+
+
+def test_truncate_history_drops_a_huge_early_turn_without_tokenizing_it(tok, tmp_path):
+    from train_fixtures import base_config
+
+    from sftjax.data import pipeline
+
+    def chat(first_question: str, last_question: str) -> dict:
+        turns = [("system", "Be brief."), ("user", first_question), ("assistant", "One.")]
+        turns += [("user", last_question), ("assistant", "Two.")]
+        return {"messages": [{"role": r, "content": c} for r, c in turns]}
+
+    huge = "word " * 400_000
+    path = tmp_path / "chats.jsonl"
+    rows = [chat("Hi", "Next?"), chat(huge, "Next?"), chat("Hi", huge)]
+    path.write_text("".join(json.dumps(r) + "\n" for r in rows))
+    config = base_config().data
+    config.update(train_files=str(path), validation_files="", validation_fraction=0.0)
+    config.update(seq_len=128, overlong="truncate_history", template="chat")
+    train, _, report = pipeline.load_splits(config, tok)
+    assert (report.overlong_dropped, report.history_truncated, report.turns_cut) == (1, 1, 2)
+    assert len(report.prompt_lengths) == 1  # only the short conversation was tokenized whole
+    kept = tok.decode(np.r_[train[1].tokens[:1], train[1].targets])
+    assert kept.startswith("<s> [INST] <<SYS>>\nBe brief.\n<</SYS>>\n\nNext? [/INST] Two.")

@@ -37,7 +37,7 @@ import dataclasses
 import logging
 import math
 import time
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 
 import grain
 import ml_collections
@@ -45,6 +45,7 @@ import numpy as np
 
 from sftjax import paths
 from sftjax.data import chat_templates, groups, records, tokenize
+from sftjax.data.templates import Segment
 from sftjax.data.tokenize import Encoded, Example
 
 log = logging.getLogger("sftjax")
@@ -74,6 +75,10 @@ class DataReport:
     # counting BOS with the prompt and EOS with the response.
     prompt_lengths: list[int] = dataclasses.field(default_factory=list)
     response_lengths: list[int] = dataclasses.field(default_factory=list)
+    # Examples kept (train + validation) where some segment boundary tokenizes differently when
+    # the whole string is encoded; trained segment-wise, as generation sees them (tokenize.py).
+    boundary_merges: int = 0
+    merged_examples: list[str] = dataclasses.field(default_factory=list)  # first few, file:line
 
     def summary(self) -> str:
         """Counts, for logs."""
@@ -95,6 +100,13 @@ class DataReport:
             f"over-long: dropped {self.overlong_dropped}, "
             f"prompt truncated {self.prompt_truncated}, "
             f"history truncated {self.history_truncated} ({self.turns_cut} turns cut)"
+        )
+        quoted = ", ".join(self.merged_examples)
+        more = ", …" if self.boundary_merges > len(self.merged_examples) else ""
+        parts.append(
+            f"segment boundaries: {self.boundary_merges} examples tokenize differently when "
+            "encoded whole (trained as encoded segment by segment, as generation sees them)"
+            + (f": {quoted}{more}" if quoted else "")
         )
         return "\n".join(parts)
 
@@ -118,28 +130,28 @@ def _read(files: str, config: ml_collections.ConfigDict) -> tuple[list, records.
 def make_template(config: ml_collections.ConfigDict, tok: tokenize.SegmentTokenizer):
     """The data section's template; data.chat_template (a .jinja file) overrides the tokenizer's."""
     jinja = paths.resolve(config.chat_template).read_text() if config.chat_template else ""
-    return chat_templates.make_template(config.template, tok.hf, jinja)
+    return chat_templates.make_template(
+        config.template,
+        tok.hf,
+        jinja,
+        origin=config.chat_template,
+        last_turn_only=config.train_on == "last_assistant_turn",
+    )
 
 
-def _encode(rows, template, tok: tokenize.SegmentTokenizer, train_on: str) -> list[Encoded]:
-    """Rows → encoded examples, rendered ones checked against their whole runs of text."""
-    segments = [template.segments(r) for r in rows]
+def _encode(
+    segments: Sequence[list[Segment]], template, tok: tokenize.SegmentTokenizer, train_on: str
+) -> tuple[list[Encoded], list[int]]:
+    """Segment lists → encoded examples, and the indices of those whose boundaries merge."""
     encoded = tokenize.encode_many(segments, tok, framed=template.framed)
-    if not template.framed:
-        bad = tokenize.check_rendered(segments, encoded, tok)
-        if bad is not None:
-            raise chat_templates.TemplateError(
-                f"{rows[bad].source}: the chat template's segments tokenize differently from "
-                "their whole text (a token spans a prompt/answer boundary); loss masks would "
-                "not be exact: use another template"
-            )
+    merged = tokenize.boundary_merges(segments, encoded, tok, framed=template.framed)
     if train_on == "last_assistant_turn":
         encoded = [tokenize.keep_last_turn(e) for e in encoded]
     elif train_on != "all_assistant_turns":
         raise ValueError(
             f"train_on must be all_assistant_turns or last_assistant_turn: {train_on!r}"
         )
-    return encoded
+    return encoded, merged
 
 
 def _without_history(row: records.Row, cut: int) -> records.Row | None:
@@ -158,12 +170,47 @@ def _truncate_history(row, template, tok, config, report) -> Encoded | None:
         shorter = _without_history(row, cut)
         if shorter is None:
             return None
-        (encoded,) = _encode([shorter], template, tok, config.train_on)
+        segments = template.segments(shorter)
+        if tokenize.surely_longer(segments, tok, config.seq_len + 1, framed=template.framed):
+            continue
+        (encoded,), merged = _encode([segments], template, tok, config.train_on)
         if len(encoded.ids) - 1 <= config.seq_len:
+            _count_merges(report, [row.source] if merged else [])
             report.history_truncated += 1
             report.turns_cut += 2 * cut
             return encoded
     return None
+
+
+def _count_merges(report: DataReport, sources: list[str]) -> None:
+    report.boundary_merges += len(sources)
+    report.merged_examples += sources[: groups.MAX_QUOTED - len(report.merged_examples)]
+
+
+def _cut_prompt(
+    segments: list[Segment], tok: tokenize.SegmentTokenizer, seq_len: int, framed: bool
+) -> list[Segment] | None:
+    """An example certainly over seq_len, for truncate_prompt: None if its trained part alone
+    is, else its prompt cut to the last characters that certainly hold seq_len + 1 tokens
+    (a special first segment, BOS, stays). fit_length then cuts the ids exactly as it would
+    have cut the whole prompt's; only the leftmost cut token, which it drops, can differ."""
+    first = next((i for i, s in enumerate(segments) if s.trainable), len(segments))
+    trained = segments[first:]
+    if framed and tok.bos_id is not None:
+        trained = [Segment("", False, True), *trained]  # stands for BOS in the bound
+    if tokenize.surely_longer(trained, tok, seq_len + 1, framed=False):
+        return None
+    budget = (seq_len + 1) * tok.max_token_chars
+    head = segments[:1] if segments and segments[0].special else []
+    kept: list[Segment] = []
+    for seg in reversed(segments[len(head) : first]):
+        if budget <= 0:
+            break
+        if not seg.special:
+            seg = seg._replace(text=seg.text[-budget:])
+            budget -= len(seg.text)
+        kept.insert(0, seg)
+    return head + kept + list(segments[first:])
 
 
 def encode_rows(
@@ -176,38 +223,118 @@ def encode_rows(
 ) -> list[Example]:
     """Rows → fitted, shifted examples; the length policy's outcomes are counted in report.
 
-    Uses config.seq_len, .overlong and .train_on; `template` comes from make_template.
+    Uses config.seq_len, .overlong and .train_on; `template` comes from make_template. A row
+    whose characters alone prove it over-long is never tokenized whole: dropped, its prompt cut
+    (truncate_prompt) or its history cut (truncate_history) first, so a 50 MB line costs
+    milliseconds. Only rows that are tokenized whole have their lengths recorded.
     """
-    examples = []
-    for row, encoded in zip(rows, _encode(rows, template, tok, config.train_on), strict=True):
-        trained = int(encoded.trainable.sum())
-        report.prompt_lengths.append(len(encoded.ids) - trained)
+    if config.overlong not in tokenize.OVERLONG_POLICIES:
+        raise ValueError(
+            f"overlong must be one of {tokenize.OVERLONG_POLICIES}, got {config.overlong!r}"
+        )
+    limit = config.seq_len + 1  # ids, before the shift
+    todo: list[tuple[int, list[Segment]]] = []
+    by_history: list[int] = []
+    for i, row in enumerate(rows):
+        segments = template.segments(row)
+        if not tokenize.surely_longer(segments, tok, limit, framed=template.framed):
+            todo.append((i, segments))
+        elif config.overlong == "truncate_prompt":
+            cut = _cut_prompt(segments, tok, config.seq_len, template.framed)
+            if cut is None:
+                report.overlong_dropped += 1
+            else:
+                todo.append((i, cut))
+        elif config.overlong == "truncate_history":
+            by_history.append(i)
+        else:
+            report.overlong_dropped += 1
+    encoded, merged = _encode([s for _, s in todo], template, tok, config.train_on)
+    merged_rows = {todo[m][0] for m in merged}  # counted where the example is kept
+    fitted_by_row: dict[int, Encoded] = {}
+    for (i, _), example in zip(todo, encoded, strict=True):
+        trained = int(example.trainable.sum())
+        report.prompt_lengths.append(len(example.ids) - trained)
         report.response_lengths.append(trained)
-        fitted = tokenize.fit_length(encoded, config.seq_len, config.overlong)
+        fitted = tokenize.fit_length(example, config.seq_len, config.overlong)
         if fitted is None and config.overlong == "truncate_history":
-            fitted = _truncate_history(row, template, tok, config, report)
+            by_history.append(i)
+            continue
         if fitted is None:
             report.overlong_dropped += 1
             continue
         report.prompt_truncated += int(
-            fitted is not encoded and config.overlong == "truncate_prompt"
+            fitted is not example and config.overlong == "truncate_prompt"
         )
-        examples.append(tokenize.to_example(fitted))
-    return examples
+        _count_merges(report, [rows[i].source] if i in merged_rows else [])
+        fitted_by_row[i] = fitted
+    for i in sorted(by_history):
+        fitted = _truncate_history(rows[i], template, tok, config, report)
+        if fitted is None:
+            report.overlong_dropped += 1
+        else:
+            fitted_by_row[i] = fitted
+    return [tokenize.to_example(fitted_by_row[i]) for i in sorted(fitted_by_row)]
+
+
+def overlong_rows(
+    config: ml_collections.ConfigDict, tok: tokenize.SegmentTokenizer
+) -> Callable[[records.Row], bool]:
+    """Whether the length policy certainly drops a row, judged from its characters alone.
+
+    read_splits takes such rows out before grouping, so a 50 MB line never reaches the
+    near-duplicate pass or the tokenizer. Only rows with more characters than seq_len + 1
+    tokens could cover are rendered to check; a row that might fit is always kept.
+    """
+    if tok.max_token_chars is None:
+        return lambda row: False
+    limit = config.seq_len + 1
+    made = []  # the template, made at the first long row (most data has none)
+
+    def dropped(row: records.Row) -> bool:
+        turns = row.conversation()
+        if sum(len(text) for _, text in turns) <= limit * tok.max_token_chars:
+            return False
+        made[:] = made or [make_template(config, tok)]
+        template, framed = made[0], made[0].framed
+        segments = template.segments(row)
+        if not tokenize.surely_longer(segments, tok, limit, framed=framed):
+            return False
+        if config.overlong == "truncate_prompt":
+            return _cut_prompt(segments, tok, config.seq_len, framed) is None
+        if config.overlong == "truncate_history":  # the last exchange, and a system turn
+            exchanges = (len(turns) - (turns[0][0] == "system")) // 2
+            last = _without_history(row, exchanges - 1) if exchanges > 1 else row
+            return last is None or tokenize.surely_longer(
+                template.segments(last), tok, limit, framed=framed
+            )
+        return True
+
+    return dropped
 
 
 def read_splits(
-    config: ml_collections.ConfigDict,
+    config: ml_collections.ConfigDict, dropped: Callable[[records.Row], bool] | None = None
 ) -> tuple[list[records.Row], list[records.Row], DataReport]:
     """Read and validate the files, then split by groups or apply the leakage policy.
 
+    dropped (overlong_rows): rows taken out first, counted as over-long and dropped.
     Raises BadRowsError (bad_rows="fail") or groups.LeakageError (leakage="fail").
     """
     if config.leakage not in groups.LEAKAGE_POLICIES:
         raise ValueError(f"data.leakage {config.leakage!r} is not one of {groups.LEAKAGE_POLICIES}")
-    train_rows, train_report = _read(config.train_files, config)
+    too_long = 0
+
+    def read(files: str) -> tuple[list[records.Row], records.RecordReport]:
+        nonlocal too_long
+        rows, counts = _read(files, config)
+        kept = [r for r in rows if dropped is None or not dropped(r)]
+        too_long += len(rows) - len(kept)
+        return kept, counts
+
+    train_rows, train_report = read(config.train_files)
     if config.validation_files:
-        validation_rows, validation_report = _read(config.validation_files, config)
+        validation_rows, validation_report = read(config.validation_files)
         start = time.perf_counter()
         report = DataReport(train_report, validation_report, leakage=config.leakage)
         report.leaks, grouping = groups.find_leaks(train_rows, validation_rows)
@@ -230,6 +357,7 @@ def read_splits(
         validation_rows = [r for r, h in zip(train_rows, held, strict=True) if h]
         train_rows = [r for r, h in zip(train_rows, held, strict=True) if not h]
     report.grouping_seconds = time.perf_counter() - start
+    report.overlong_dropped += too_long
     return train_rows, validation_rows, report
 
 
@@ -260,7 +388,7 @@ def load_splits(
     config: ml_collections.ConfigDict, tok: tokenize.SegmentTokenizer
 ) -> tuple[list[Example], list[Example], DataReport]:
     """Read, validate, split and encode the data section's files (read_splits says what raises)."""
-    train_rows, validation_rows, report = read_splits(config)
+    train_rows, validation_rows, report = read_splits(config, overlong_rows(config, tok))
     train, validation = encode_splits(config, tok, train_rows, validation_rows, report)
     return train, validation, report
 

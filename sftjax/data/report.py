@@ -5,7 +5,8 @@ reason (with the first problems at file:line), duplicates dropped, the grouped s
 leakage between training and validation files (pairs at file:line), the largest groups of equal
 or near-duplicate prompts, the task mix, empty / one-token / instruction-repeating responses, the
 template and which turns are trained, over-long examples (dropped, prompt truncated, history
-truncated and turns cut), prompt/response length percentiles, a response-length histogram (PNG
+truncated and turns cut), examples whose segment boundaries merge when encoded whole (counted,
+the first at file:line), prompt/response length percentiles, a response-length histogram (PNG
 at --histogram), packing efficiency and examples per packed row, and three rendered examples
 with the trained part marked ⟦like this⟧ (rendered from the token ids and loss mask themselves).
 Exits 0 when training would take the data (bad rows under bad_rows="skip" are counted, not a
@@ -80,7 +81,8 @@ def build_report(
     counting = ml_collections.ConfigDict(data.to_dict())
     counting.bad_rows = "skip"
     counting.leakage = "warn"
-    train_rows, validation_rows, report = pipeline.read_splits(counting)
+    dropped = pipeline.overlong_rows(counting, tok)
+    train_rows, validation_rows, report = pipeline.read_splits(counting, dropped)
     train, _ = pipeline.encode_splits(counting, tok, train_rows, validation_rows, report)
     rows = [*train_rows, *validation_rows]  # the order encode_splits recorded lengths in
     efficiency, per_row = pipeline.packing_stats(

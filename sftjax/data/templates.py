@@ -5,10 +5,11 @@ same formats written as Hugging Face jinja chat templates for the export (`jinja
 `tokenizer.apply_chat_template` on an export gives the ids sftjax trained on.
 Built-in templates are "framed": their segments are plain text, and tokenize.py adds BOS once and
 EOS after every trainable run, as ids. Every boundary between their segments sits right after a
-newline or right before a space, where no vocabulary piece can span it, so tokenizing segments one
-by one equals tokenizing the whole string (checked for the real tokenizer in tests and at load
-time in tokenize.py). Templates rendered from a tokenizer's own jinja (chat_templates.py) are not
-framed: their segments carry every special token the template writes (`special=True`).
+newline or right before a space, where no Llama-2 vocabulary piece can span it, so tokenizing
+segments one by one equals tokenizing the whole string there (tested); where a tokenizer merges
+across one (Llama-3's ":\n\n"), tokenize.py counts the example and keeps the segment-wise ids.
+Templates rendered from a tokenizer's own jinja (chat_templates.py) are not framed: their
+segments carry every special token the template writes (`special=True`).
 
 Every template takes every row format: an instruction row is one user turn (records.Row).
 Does not own: tokenization, lengths, or row validation (records.py).
