@@ -43,7 +43,10 @@ INCOMPATIBLE = (
     "model.lora.targets",
 )
 # Keys newer than some checkpoints, and the value a checkpoint without them was trained with.
-ADDED_DEFAULTS = {"model.lora.rank": 0}
+ADDED_DEFAULTS = {"model.lora.rank": 0, "model.rope_scaling": None}
+# Keys whose value is a dict or None: compared whole. Flattened, None -> {"rope_type": ...}
+# would read as a key removed and keys added by another version (allowed), not as a change.
+WHOLE_VALUES = ("model.rope_scaling",)
 
 # Changes that leave the math and the data order of every step as it was. Prefix matches.
 ALLOWED = (
@@ -120,7 +123,7 @@ def _flatten(tree: dict, prefix: str = "") -> dict[str, Any]:
     """{"a": {"b": 1}} -> {"a.b": 1}; values normalised as a JSON round trip (tuples -> lists)."""
     out = {}
     for key, value in tree.items():
-        if isinstance(value, dict):
+        if isinstance(value, dict) and f"{prefix}{key}" not in WHOLE_VALUES:
             out.update(_flatten(value, f"{prefix}{key}."))
         else:
             out[f"{prefix}{key}"] = json.loads(json.dumps(value))

@@ -136,6 +136,27 @@ def test_every_refused_key_is_listed_old_to_new():
     assert "\n" not in message  # one line
 
 
+@pytest.mark.parametrize(
+    "old, new",
+    [
+        (None, {"rope_type": "linear", "factor": 2.0}),
+        ({"rope_type": "linear", "factor": 2.0}, {"rope_type": "linear", "factor": 4.0}),
+        ("absent", {"rope_type": "llama3", "factor": 8.0}),  # a record from before the key
+    ],
+)
+def test_rope_scaling_is_compared_as_one_value(old, new):
+    """A dict-or-None key flattened would read None -> {...} as keys of another version."""
+    saved = _saved()
+    if old == "absent":
+        del saved["model"]["rope_scaling"]
+    else:
+        saved["model"]["rope_scaling"] = old
+    changed = _new()
+    changed["model"]["rope_scaling"] = new
+    with pytest.raises(resume_check.ConfigChanged, match="model.rope_scaling: "):
+        resume_check.check(saved, changed, saved_step=10)
+
+
 def test_keys_known_to_one_version_only_are_allowed_with_a_note():
     saved = _saved()
     saved["data"]["retired_key"] = 1
