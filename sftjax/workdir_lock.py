@@ -41,7 +41,7 @@ log = logging.getLogger("sftjax")
 LOCK_NAME = ".lock"
 HEARTBEAT_SECONDS = 30.0
 STALE_SECONDS = 300.0  # ten missed heartbeats
-_HELD: set[str] = set()  # workdirs this process holds, so nested holds are no-ops
+_HELD: dict[str, tuple] = {}  # workdir -> (lock, record) held here; nested holds: no-ops
 
 
 class WorkdirBusy(RuntimeError):
@@ -348,7 +348,7 @@ def hold(workdir: str | os.PathLike) -> Iterator[None]:
         yield
         return
     lock, record = acquire(workdir)
-    _HELD.add(key)
+    _HELD[key] = lock, record
     stop = threading.Event()
     beat = threading.Thread(
         target=_heartbeat, args=(lock, record, stop), daemon=True, name="sftjax-lock"
@@ -359,5 +359,12 @@ def hold(workdir: str | os.PathLike) -> Iterator[None]:
     finally:
         stop.set()
         beat.join()
-        _HELD.discard(key)
-        release(lock, record)
+        if _HELD.pop(key, None):
+            release(lock, record)
+
+
+def release_all() -> None:
+    """Release every lock this process holds: for an abort that skips `hold`'s cleanup."""
+    for lock, record in list(_HELD.values()):
+        with contextlib.suppress(Exception):
+            release(lock, record)
