@@ -9,9 +9,9 @@ the previous export and no staging behind; leftovers of an interrupted PEFT expo
 
 To hit a phase exactly, the command runs through PAUSING: it wraps one function of the real
 run so that, when called, it prints "paused" and waits for a line on stdin before going on. In
-the "loop" phase (the start of the training loop, before the first compile) the wait happens
-inside an XLA computation (a host callback), so the main thread is blocked in C as it is
-during a compile or a save.
+the "step" phase (the first step, before its compile) the main thread waits in a blocking read
+with SIGINT masked, so, as during a compile or a save, it is inside C and Python's handler
+cannot run: a Ctrl-C reaches the process through another thread.
 """
 
 import queue
@@ -26,32 +26,30 @@ from hf_fixtures import make_hf_llama
 from multihost_fixtures import device_env
 from train_fixtures import ROOT, demo_corpus, main_command, short_run
 
-PAUSING = """import runpy, select, sys
-import jax, numpy as np
-from sftjax import loop, metrics
+PAUSING = """import runpy, select, signal, sys
+from sftjax import loop, train
 from sftjax.data import pipeline
 
 phase = sys.argv.pop(1)
 module, name = {"data": (pipeline, "load_splits"), "export": (loop, "_finish"),
-                "loop": (metrics, "peak_flops_per_device")}[phase]
+                "step": (train, "global_batch")}[phase]
 real = getattr(module, name)
-
-def wait_for_test():
-    print("paused", flush=True)
-    # Polled: a signal may land on another thread, and Python runs handlers in the main
-    # thread only when it next checks (a blocking read would never return to check).
-    while not select.select([sys.stdin], [], [], 0.05)[0]:
-        pass
-    sys.stdin.readline()
-    return np.zeros((), np.int32)
 
 def paused(*args, **kwargs):
     setattr(module, name, real)  # once
-    if phase == "loop":  # the main thread waits in XLA's runtime, as in a compile
-        shape = jax.ShapeDtypeStruct((), np.int32)
-        jax.jit(lambda: jax.experimental.io_callback(wait_for_test, shape))().block_until_ready()
+    if phase == "step":
+        # As inside a compile: the main thread is in C and runs no Python handler until the
+        # call returns (its signals go to other threads, whose C handler only notes them).
+        signal.pthread_sigmask(signal.SIG_BLOCK, {signal.SIGINT})
+        print("paused", flush=True)
+        sys.stdin.readline()
+        signal.pthread_sigmask(signal.SIG_UNBLOCK, {signal.SIGINT})
     else:
-        wait_for_test()
+        print("paused", flush=True)
+        # Polled: a signal may land on another thread, and Python runs handlers in the main
+        # thread only when it next checks (a blocking read would never return to check).
+        while not select.select([sys.stdin], [], [], 0.05)[0]:
+            pass
     return real(*args, **kwargs)
 
 setattr(module, name, paused)
@@ -184,10 +182,10 @@ def test_signals_outside_the_loop_exit_0_and_a_failed_export_exits_4(lora_run, t
 
 
 @pytest.mark.slow
-def test_second_ctrl_c_aborts_while_the_main_thread_is_inside_xla(lora_run, tmp_path):
+def test_second_ctrl_c_aborts_while_the_main_thread_is_inside_c(lora_run, tmp_path):
     workdir = tmp_path / "run"
-    run = Run(lora_run(workdir), "loop")
-    run.wait_for("paused")  # the main thread is blocked in XLA until stdin gets a line
+    run = Run(lora_run(workdir), "step")
+    run.wait_for("paused")  # the main thread is inside C until stdin gets a line
     run.process.send_signal(signal.SIGINT)
     run.wait_for("Ctrl-C: finishing this step, saving, then exiting", timeout=30)
     run.process.send_signal(signal.SIGINT)
