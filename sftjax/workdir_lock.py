@@ -235,7 +235,9 @@ class _GcsLock:
                     json.dumps(record), if_generation_match=if_generation_match
                 )
             )
-        except (self.errors.PreconditionFailed, self.errors.NotFound):
+        except self.errors.NotFound as e:  # an upload finds no object missing, only a bucket
+            raise WorkdirError(_unusable(self.where.rsplit("/", 1)[0], e)) from None
+        except self.errors.PreconditionFailed:
             # A create retried after a lost answer finds its own first write: still ours.
             seen = self._read_blob()
             if seen is None or seen[0] != record:
