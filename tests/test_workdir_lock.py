@@ -169,6 +169,16 @@ def test_gs_workdir_has_one_holder_and_dead_ones_are_taken_over(emulator):
         line = second.communicate(timeout=60)[0]
         assert line.startswith("busy"), line
         assert f"process {holder.pid} on host {socket.gethostname()} (since 20" in line
+        training = subprocess.run(  # as a user meets it: refused before anything is read
+            [sys.executable, "-m", "sftjax.main", f"--config={ROOT / 'configs/base.py'}"]
+            + [f"--workdir={workdir}"],
+            env={**os.environ, "PYTHONPATH": str(ROOT)},
+            capture_output=True,
+            text=True,
+            timeout=120,
+        )
+        assert training.returncode == 2, training.stderr[-3000:]
+        assert f"error: {workdir} is in use by process {holder.pid} on host" in training.stderr
     finally:
         holder.kill()  # no cleanup ran: the lock object stays, its process is gone
         holder.wait()
