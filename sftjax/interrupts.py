@@ -45,7 +45,7 @@ class Interrupts:
 
     def __init__(self):
         self.multihost = jax.process_count() > 1
-        self.requested = False  # a stop was asked for (and not yet acted on)
+        self.requested = False  # a stop was asked for (by the first signal)
         self.received: list[int] = []  # signals that arrived in a deferred block
         self._mode = "now"
         self._interrupts = 0  # Ctrl-Cs seen by the watcher thread
