@@ -239,7 +239,8 @@ def test_a_workdir_that_cannot_be_used_is_one_line(corpus, tmp_path):
     read_only.mkdir()
     if os.geteuid() == 0:  # root writes through permissions: a read-only mount instead
         mount = ["mount", "-t", "tmpfs", "-o", "ro,size=64k", "tmpfs", str(read_only)]
-        subprocess.run(mount, check=True)
+        if subprocess.run(mount, capture_output=True).returncode != 0:
+            pytest.skip("running as root without the right to mount: no read-only directory")
     else:
         read_only.chmod(0o555)
     try:
