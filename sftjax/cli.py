@@ -36,6 +36,7 @@ USER_ERRORS = (
     chat_templates.TemplateError,
     hf_io.CheckpointError,
     workdir_lock.WorkdirBusy,
+    workdir_lock.WorkdirError,
 )
 USER_ERROR_EXIT = 2
 

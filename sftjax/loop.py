@@ -5,29 +5,29 @@ and encode the data, compile the steps: every user error surfaces here, before a
 read), `_start` (resume the newest good checkpoint or initialise), `_train` (the loop: steps,
 evaluation every `eval.every_steps`, checkpoints, early stopping, preemption) and `_finish`
 (restore the best parameters, export to Hugging Face). Metrics are read one step late so the
-host never waits on the device between steps.
+host never waits on the device between steps. SIGTERM and Ctrl-C are answered in every phase
+(interrupts.py): the loop saves after the step, a save or the export finishes first, anywhere
+else the run stops at once; each way it ends "preempted" with a resumable workdir.
 """
 
 import collections
-import contextlib
 import dataclasses
 import logging
 import math
-import os
-import signal
 import time
 
 import jax
 import ml_collections
 import tqdm
 from flax import nnx
-from jax.experimental import multihost_utils
+from safetensors import SafetensorError
 
 from sftjax import (
     base_model,
     checkpoint,
     contents,
     generate,
+    interrupts,
     metrics,
     paths,
     resume_check,
@@ -53,46 +53,6 @@ class FitResult:
     best_val_loss: float | None
     model: llama.Llama | None  # best parameters restored (None when preempted)
     export_dir: paths.Path | None
-
-
-class Preemption:
-    """Whether to stop and save now, answered identically on every host.
-
-    Multi-host: JAX's preemption service hears SIGTERM on any host and tells all of them; each
-    asks `reached_preemption_sync_point(step)` every step and all get True at the same step, so
-    the collective save that follows never waits on a host that kept training. A Python SIGTERM
-    handler would replace JAX's listener, so none is installed there; Ctrl-C is turned into a
-    SIGTERM to this process, which JAX then spreads. Single host: SIGTERM and Ctrl-C set a flag.
-    A second Ctrl-C aborts at once.
-    """
-
-    def __init__(self):
-        self.multihost = jax.process_count() > 1
-        self._requested = False
-        self._previous = {signal.SIGINT: signal.signal(signal.SIGINT, self._on_interrupt)}
-        if not self.multihost:
-            self._previous[signal.SIGTERM] = signal.signal(signal.SIGTERM, self._on_terminate)
-
-    def _on_terminate(self, signum, frame) -> None:
-        self._requested = True
-
-    def _on_interrupt(self, signum, frame) -> None:
-        if self._requested:
-            raise KeyboardInterrupt  # second Ctrl-C: the user wants out now
-        self._requested = True
-        log.warning("Ctrl-C: finishing this step, saving, then exiting (Ctrl-C again to abort)")
-        if self.multihost:
-            os.kill(os.getpid(), signal.SIGTERM)
-
-    def reached(self, step: int) -> bool:
-        """Call once per step on every host; True at the step all hosts save and stop."""
-        if self.multihost:
-            return multihost_utils.reached_preemption_sync_point(step)
-        return self._requested
-
-    def restore(self) -> None:
-        for signum, handler in self._previous.items():
-            signal.signal(signum, handler)
 
 
 @dataclasses.dataclass
@@ -122,24 +82,59 @@ class _Run:
 
 def fit(config: ml_collections.ConfigDict, workdir) -> FitResult:
     """Train per `config`, resuming from `workdir` (local or gs://) if it holds a checkpoint."""
-    run = _prepare(config, paths.resolve(workdir))
+    workdir = paths.resolve(workdir)
+    with interrupts.Interrupts() as signals:
+        try:
+            return _fit(config, workdir, signals)
+        except interrupts.StopRun as stop:  # before or after the loop: nothing was being written
+            saved = _saved_steps(workdir / "checkpoints")
+            last = saved[-1] if saved else None
+            log.info("%s: stopped%s", stop, f"; step {last} is saved" if saved else "")
+            return FitResult("preempted", last, None, None, None, None)
+
+
+def _saved_steps(directory: paths.Path) -> list[int]:
+    """Steps with a finished checkpoint in `directory` (Orbax writes commit_success.txt last)."""
+    if not directory.exists():
+        return []
+    steps = [p for p in directory.iterdir() if p.name.isdigit()]
+    return sorted(int(p.name) for p in steps if (p / "commit_success.txt").exists())
+
+
+def _fit(config, workdir: paths.Path, signals: interrupts.Interrupts) -> FitResult:
+    run = _prepare(config, workdir)
     if jax.process_index() == 0:
-        hf_export.recover_export(run.workdir / "hf_export")
+        for export in ("hf_export", "peft_adapter"):
+            hf_export.recover_export(run.workdir / export)
     ckpt = checkpoint.Checkpointer(
         run.workdir / "checkpoints",
         max_to_keep=config.checkpoint.max_to_keep,
         async_save=config.checkpoint.async_save,
     )
-    state, frozen, early, start_step = _start(run, ckpt)
+    try:
+        state, frozen, early, start_step = _start(run, ckpt)
+    except interrupts.StopRun:
+        ckpt.close()
+        raise
     writer = metrics.MetricsWriter(run.workdir, resume_step=start_step)
     try:
-        stop_reason, step, state = _train(run, ckpt, writer, state, frozen, early, start_step)
-        if stop_reason == "preempted":
+        with signals.at_steps():
+            stop_reason, step, state = _train(
+                run, ckpt, writer, state, frozen, early, start_step, signals
+            )
+        with signals.deferred():
+            ckpt.wait()
+        # Multi-host, only the loop's sync point stops all hosts together (the export gathers).
+        if stop_reason == "preempted" or (signals.requested and not signals.multihost):
             log.info("saved step %d; rerun the same command to resume", step)
             ckpt.close()
-            return FitResult(stop_reason, step, early.best_step, early.best_loss, None, None)
+            return FitResult("preempted", step, early.best_step, early.best_loss, None, None)
         del state  # free the live state before the best one is read back
-        return _finish(run, ckpt, writer, stop_reason, step, early, frozen)
+        try:
+            return _finish(run, ckpt, writer, stop_reason, step, early, frozen, signals)
+        except interrupts.StopRun:
+            ckpt.close()
+            raise
     finally:
         writer.close()
 
@@ -266,7 +261,7 @@ def _log_lora(cfg: llama.LlamaConfig, abstract_state, abstract_frozen) -> None:
     )
 
 
-def _train(run: _Run, ckpt, writer, state, frozen, early, start_step: int):
+def _train(run: _Run, ckpt, writer, state, frozen, early, start_step: int, signals):
     """The loop; returns (stop reason, last step, state)."""
     config = run.config
     is_main = jax.process_index() == 0
@@ -291,10 +286,13 @@ def _train(run: _Run, ckpt, writer, state, frozen, early, start_step: int):
     def diverged(what: str) -> TrainingDiverged:
         """The error that stops a diverged run, once the saves under way are on disk."""
         ckpt.wait()
-        return TrainingDiverged(
-            f"{what}; stopping. Checkpoints on disk (latest {ckpt.latest_step()}) are from "
-            "before; lower optim.lr or check the data"
+        latest = ckpt.latest_step()
+        saved = (
+            f"the checkpoints on disk (latest step {latest}) are from before"
+            if latest is not None
+            else "no checkpoint was saved before it"
         )
+        return TrainingDiverged(f"{what}; stopping: {saved}; lower optim.lr or check the data")
 
     history = collections.deque(maxlen=train.COLLAPSE_WINDOW)  # (step, loss, grad norm)
     warmup_steps = round(config.optim.warmup_ratio * total_steps)
@@ -346,7 +344,6 @@ def _train(run: _Run, ckpt, writer, state, frozen, early, start_step: int):
     stop_reason, step = "completed", start_step
     if early.should_stop:  # resuming a run that had already stopped early: don't train on
         stop_reason, total_steps = "early_stopping", start_step
-    preemption = Preemption()
     pending, window_start, window_steps = None, time.perf_counter(), 0
     try:
         with jax.set_mesh(run.mesh):
@@ -364,7 +361,7 @@ def _train(run: _Run, ckpt, writer, state, frozen, early, start_step: int):
                         window_start, window_steps = time.perf_counter(), 1
                 pending = (step, step_metrics)
 
-                preempted = preemption.reached(step)
+                preempted = signals.reached(step)
                 at_eval = step % config.eval.every_steps == 0 or step == total_steps
                 if at_eval or preempted:
                     log_train(step, step_metrics, window_steps)  # never save a diverged state
@@ -385,12 +382,12 @@ def _train(run: _Run, ckpt, writer, state, frozen, early, start_step: int):
                     break
     finally:
         progress.close()
-        preemption.restore()
-    ckpt.wait()
     return stop_reason, step, state
 
 
-def _finish(run: _Run, ckpt, writer, stop_reason: str, step: int, early, frozen) -> FitResult:
+def _finish(
+    run: _Run, ckpt, writer, stop_reason: str, step: int, early, frozen, signals
+) -> FitResult:
     """Restore the best checkpoint, export it, write the summary and the loss plot."""
     config = run.config
     # The restored checkpoint is the lowest validation loss saved; with min_delta > 0 that can
@@ -411,59 +408,63 @@ def _finish(run: _Run, ckpt, writer, stop_reason: str, step: int, early, frozen)
     )
     best_model = nnx.merge(run.graphdef, best_state.params, frozen)
     export_dir = None
-    if config.checkpoint.export_hf:
-        log.info("exporting step %d to %s", best_step, run.workdir / "hf_export")
-        with _signals_deferred():  # a SIGTERM now would leave no export; it is nearly done
-            if run.cfg.lora_rank:  # the adapters alone, for PEFT, beside the merged model
-                hf_export.save_adapter(
-                    best_model,
-                    run.workdir / "peft_adapter",
-                    base_model_name_or_path=str(paths.resolve(config.model.hf_path))
-                    if config.model.hf_path
-                    else "",
-                    overwrite=True,
-                )
-            export_dir = hf_export.save_pretrained(
-                # from the base as stored in model.hf_path, not its base_dtype copy
-                merge.merge_lora(best_model, config.checkpoint.export_dtype, config.model.hf_path),
-                run.workdir / "hf_export",
-                tokenizer_dir=config.data.tokenizer,
-                # chat_template.jinja, BOS rule and sftjax_format.json of the training format
-                **chat_templates.export_settings(run.template, run.tok),
-                dtype=config.checkpoint.export_dtype,
-                bos_token_id=run.tok.bos_id or run.tok.eos_id,
-                eos_token_id=run.tok.eos_id,
-                base_dir=config.model.hf_path or None,  # its eos ids and generation settings
-                overwrite=True,
-            )
-    writer.write(
-        step,
-        "summary",
-        {"stop_reason": stop_reason, "best_step": best_step, "best_val_loss": best_loss},
-    )
-    writer.plot(best_step)
-    ckpt.close()
+    with signals.deferred():  # a SIGTERM now would leave no export; it is nearly done
+        if config.checkpoint.export_hf:
+            log.info("exporting step %d to %s", best_step, run.workdir / "hf_export")
+            export_dir = _export(run, best_model)
+        writer.write(
+            step,
+            "summary",
+            {"stop_reason": stop_reason, "best_step": best_step, "best_val_loss": best_loss},
+        )
+        writer.plot(best_step)
+        ckpt.close()
+    if signals.received:
+        log.warning(
+            "signal %s arrived during the export; the export finished first", signals.received
+        )
     return FitResult(stop_reason, step, best_step, best_loss, best_model, export_dir)
 
 
-@contextlib.contextmanager
-def _signals_deferred():
-    """SIGTERM / Ctrl-C wait until the block ends (the run then ends normally, exit 0).
+def _export(run: _Run, best_model: llama.Llama) -> paths.Path:
+    """hf_export/ (merged under LoRA) and, under LoRA, the PEFT adapter beside it.
 
-    Multi-host, SIGTERM belongs to JAX's preemption listener (a Python handler would replace
-    it for good), which never stops a process by itself: only Ctrl-C is deferred here.
+    The merged model goes first: it is the large one, so a full disk stops the export before
+    either directory is replaced. A failed write is CheckpointError (exit 4): the checkpoints
+    and the previous export stay as they were, and a rerun exports again without training.
     """
-    received = []
-    handler = lambda signum, frame: received.append(signum)  # noqa: E731
-    deferred = (signal.SIGINT,) if jax.process_count() > 1 else (signal.SIGTERM, signal.SIGINT)
-    previous = {s: signal.signal(s, handler) for s in deferred}
+    config = run.config
     try:
-        yield
-    finally:
-        for signum, old in previous.items():
-            signal.signal(signum, old)
-        if received:
-            log.warning("signal %s arrived during the export; the export finished first", received)
+        export_dir = hf_export.save_pretrained(
+            # from the base as stored in model.hf_path, not its base_dtype copy
+            merge.merge_lora(best_model, config.checkpoint.export_dtype, config.model.hf_path),
+            run.workdir / "hf_export",
+            tokenizer_dir=config.data.tokenizer,
+            # chat_template.jinja, BOS rule and sftjax_format.json of the training format
+            **chat_templates.export_settings(run.template, run.tok),
+            dtype=config.checkpoint.export_dtype,
+            bos_token_id=run.tok.bos_id or run.tok.eos_id,
+            eos_token_id=run.tok.eos_id,
+            base_dir=config.model.hf_path or None,  # its eos ids and generation settings
+            overwrite=True,
+        )
+        if run.cfg.lora_rank:  # the adapters alone, for PEFT, beside the merged model
+            hf_export.save_adapter(
+                best_model,
+                run.workdir / "peft_adapter",
+                base_model_name_or_path=str(paths.resolve(config.model.hf_path))
+                if config.model.hf_path
+                else "",
+                overwrite=True,
+            )
+    except (OSError, SafetensorError) as e:
+        reason = f"{type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''}"
+        raise checkpoint.CheckpointError(
+            f"writing the export under {run.workdir} failed ({reason}); the checkpoints and "
+            "the previous export are intact. Free disk space, then rerun the same command: "
+            "it exports again without training"
+        ) from e
+    return export_dir
 
 
 def _answer_eval_prompts(run: _Run, model: llama.Llama, step, writer, progress) -> None:

@@ -2,10 +2,10 @@
 
 Turns flags into `loop.fit(config, workdir)`; everything else lives below. Config overrides
 use ml_collections syntax: `--config.optim.lr=1e-5 --config.data.train_files=data/*.jsonl`.
-Exit codes: 0 done (also after SIGTERM with a checkpoint saved), 2 a user error (bad config,
-data, paths, or the workdir in use by another run; one message, `--verbose` adds the
-traceback), 3 diverged (non-finite loss), 4 a checkpoint could not be written (disk full),
-130 interrupted before anything could be saved.
+Exit codes: 0 done, also after SIGTERM or Ctrl-C at any moment (the workdir resumes), 2 a user
+error (bad config, data, paths, an unusable workdir or one in use by another run; one message,
+`--verbose` adds the traceback), 3 diverged (non-finite loss), 4 a checkpoint or the export
+could not be written (disk full), 130 aborted (a second Ctrl-C, or Ctrl-C before the start).
 """
 
 import contextlib
@@ -41,6 +41,8 @@ def main(argv: list[str]) -> None:
     cli.setup_logging()
     if _MULTIHOST.value:
         jax.distributed.initialize()
+    if not (_WORKDIR.value or "").strip():  # `--workdir=$UNSET`: never the current directory
+        raise workdir_lock.WorkdirError("--workdir is empty; name a directory (an unset variable?)")
     log.info("jax: %d %s device(s)", jax.device_count(), jax.devices()[0].platform)
     checkpoint.quiet_background_failures()
     # One process per workdir; in a multi-host run all hosts share it and process 0 holds it.
@@ -53,10 +55,16 @@ def main(argv: list[str]) -> None:
         sys.exit(3)
     except checkpoint.CheckpointError as e:
         print(f"error: {e}", file=sys.stderr)
+        # The failed writes' asyncio tasks report "exception was never retrieved" as they are
+        # collected at exit, once each: echoes of the one failure reported above.
+        logging.getLogger("asyncio").setLevel(logging.CRITICAL)
         sys.exit(4)
-    except KeyboardInterrupt:
-        print("interrupted before a checkpoint could be saved", file=sys.stderr)
+    except KeyboardInterrupt:  # before the run installed its handlers: nothing was started
+        print("interrupted", file=sys.stderr)
         sys.exit(130)
+    if result.stop_reason == "preempted" and result.last_step is None:
+        print("stopped before the first checkpoint: nothing to save; rerun to start again")
+        return
     if result.stop_reason == "preempted":
         print(f"preempted: saved step {result.last_step}; rerun the same command to resume")
         return

@@ -63,10 +63,10 @@ def _flags(corpus, **extra) -> list[str]:
     return [f"--config.{k}={v}" for k, v in values.items()]
 
 
-def _run(module: str, *args: str, timeout: float = 300) -> subprocess.CompletedProcess:
+def _run(module: str, *args: str, timeout: float = 300, cwd=ROOT) -> subprocess.CompletedProcess:
     return subprocess.run(
         [sys.executable, "-m", module, *args],
-        cwd=ROOT,
+        cwd=cwd,
         env=_env(),
         capture_output=True,
         text=True,
@@ -222,6 +222,45 @@ def test_second_run_on_a_workdir_in_use_is_refused_naming_the_holder(corpus, tmp
     finally:
         holder.kill()
         holder.wait()
+
+
+def test_a_workdir_that_cannot_be_used_is_one_line(corpus, tmp_path):
+    config = f"--config={ROOT / 'configs/base.py'}"
+    a_file = tmp_path / "file"
+    a_file.write_text("")
+    _assert_user_error(_main(corpus, a_file), f"--workdir={a_file} is a file, not a directory")
+    # An unset variable (`--workdir=$RUN`): never the current directory.
+    flags = _flags(corpus, **{"train.num_steps": 1, "checkpoint.export_hf": False})
+    empty = _run("sftjax.main", config, "--workdir=", *flags, cwd=tmp_path)
+    _assert_user_error(empty, "--workdir is empty")
+    assert [p.name for p in tmp_path.iterdir()] == ["file"]
+
+    read_only = tmp_path / "read_only"
+    read_only.mkdir()
+    if os.geteuid() == 0:  # root writes through permissions: a read-only mount instead
+        mount = ["mount", "-t", "tmpfs", "-o", "ro,size=64k", "tmpfs", str(read_only)]
+        if subprocess.run(mount, capture_output=True).returncode != 0:
+            pytest.skip("running as root without the right to mount: no read-only directory")
+    else:
+        read_only.chmod(0o555)
+    try:
+        done = _main(corpus, read_only / "run")
+    finally:
+        if os.geteuid() == 0:
+            subprocess.run(["umount", str(read_only)], check=True)
+    _assert_user_error(done, f"--workdir={read_only / 'run'} cannot be written (")
+
+
+def test_divergence_before_the_first_checkpoint_says_none_was_saved(corpus, tmp_path):
+    done = _main(
+        corpus,
+        tmp_path,
+        **{"optim.lr": 1e30, "optim.warmup_ratio": 0.0, "train.num_steps": 3},
+        **{"eval.every_steps": 100, "checkpoint.export_hf": False},
+    )
+    assert done.returncode == 3, done.stderr[-3000:]
+    error = done.stderr[done.stderr.index("error: ") :]
+    assert "no checkpoint was saved before it" in error and "None" not in error, error
 
 
 def _wait_for_train_step(workdir, step: int, process, timeout: float = 300) -> None:

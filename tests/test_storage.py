@@ -3,72 +3,30 @@
 Owns: a run whose every path is a `gs://` URL trains, survives kill -9 and resumes to the same
 losses as the same run on local disk; its export in the bucket is byte-identical to the local
 one and loads in transformers after a copy; no local directory named `gs:` ever appears.
-The emulator (gcp-storage-emulator, test extra) listens on 127.0.0.1 only; the variables below
-point gcsfs (etils.epath) and tensorstore (Orbax) at it and keep every client off the network.
+The emulator (gcp-storage-emulator, test extra) listens on 127.0.0.1 only (tests/gcs_fixtures.py).
 """
 
-import os
-import pathlib
 import shutil
 import signal
-import socket
 import subprocess
-import sys
 import time
 
 import jax
 import numpy as np
 import pytest
+from gcs_fixtures import BUCKET, running_emulator
 from multihost_fixtures import device_env
 from train_fixtures import ROOT, demo_corpus, main_command, short_run, train_losses
 
 from sftjax import paths, sharding
 from sftjax.model import hf_export, llama
 
-BUCKET = "sftjax-test"
-
 
 @pytest.fixture(scope="module")
 def emulator():
     """A GCS emulator on 127.0.0.1; this process and its children talk to it alone."""
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        port = s.getsockname()[1]
-    server = subprocess.Popen(
-        [sys.executable, str(pathlib.Path(__file__).with_name("gcs_emulator.py")), "start"]
-        + ["--host=127.0.0.1"]
-        + [f"--port={port}", "--in-memory", f"--default-bucket={BUCKET}", "--quiet"],
-        stdout=subprocess.DEVNULL,
-        stderr=subprocess.DEVNULL,
-    )
-    url = f"http://127.0.0.1:{port}"
-    env = {
-        "STORAGE_EMULATOR_HOST": url,  # gcsfs / google-cloud-storage
-        "FSSPEC_GS_TOKEN": "anon",
-        "GCSFS_EXPERIMENTAL_ZB_HNS_SUPPORT": "false",  # else a gRPC probe per call
-        "TENSORSTORE_GCS_HTTP_URL": url,  # tensorstore (Orbax's array writer)
-        "GOOGLE_AUTH_TOKEN_FOR_TESTING": "fake",
-        "GCE_METADATA_HOST": "127.0.0.1:9",  # no metadata server: fail fast, locally
-        "NO_GCE_CHECK": "true",
-    }
-    saved = {k: os.environ.get(k) for k in env}
-    os.environ.update(env)
-    deadline = time.time() + 30
-    while True:
-        try:
-            socket.create_connection(("127.0.0.1", port), timeout=0.2).close()
-            break
-        except OSError:
-            assert time.time() < deadline and server.poll() is None, "emulator did not start"
-            time.sleep(0.1)
-    yield env
-    server.terminate()
-    server.wait()
-    for k, v in saved.items():
-        if v is None:
-            os.environ.pop(k, None)
-        else:
-            os.environ[k] = v
+    with running_emulator() as env:
+        yield env
 
 
 @pytest.fixture(scope="module")

@@ -99,7 +99,8 @@ def save_pretrained(
 @contextlib.contextmanager
 def _staged(path, overwrite: bool):
     """Yield a local directory to fill (None on processes other than 0); at a normal exit it
-    replaces `path` whole (renamed locally, uploaded to object storage), never half-written."""
+    replaces `path` whole (renamed locally, uploaded to object storage), never half-written.
+    The staging directory is removed either way."""
     final = paths.resolve(path)
     if final.exists() and not overwrite:
         raise FileExistsError(f"{final} exists; pass overwrite=True to replace it")
@@ -112,13 +113,15 @@ def _staged(path, overwrite: bool):
     else:
         staging = pathlib.Path(final).with_name(f".{final.name}.tmp-{os.getpid()}")
     shutil.rmtree(staging, ignore_errors=True)
-    staging.mkdir(parents=True)
-    yield staging
-    if remote:
-        _upload_dir(staging, final)
-        shutil.rmtree(staging.parent)
-    else:
-        _replace_dir(staging, pathlib.Path(final))
+    try:
+        staging.mkdir(parents=True)
+        yield staging
+        if remote:
+            _upload_dir(staging, final)
+        else:
+            _replace_dir(staging, pathlib.Path(final))
+    finally:  # also when a write failed (a full disk): the space goes back, `path` is as it was
+        shutil.rmtree(staging.parent if remote else staging, ignore_errors=True)
 
 
 def _read_json(directory, name: str) -> dict:
