@@ -6,6 +6,7 @@ GiB). Same data recipe as llama3_8b.py (4096-token rows, 32 per step), 2 rows pe
 `python -m sftjax.plan` (TPU compiler, per chip, as shipped):
   --topology=v5p:1x1x1 (one v5p chip): arguments 15.4 GiB (trainable 0.16 + Adam 0.31 + frozen
     base 15.0) + temporaries 9.5 = 24.9 of 95.7 GiB, 26 %.
+  --topology=v6e:1x1 (a v6e-1, one Trillium chip, 31.25 GiB): 15.4 + 9.7 = 25.2 GiB, 80 %.
 Google's smallest v5p slice is a v5p-8 (4 chips); "one chip" is the per-chip question.
 The paths are placeholders; override them on the command line:
   python -m sftjax.main --config=configs/llama3_8b_lora.py --workdir=runs/llama3_8b_lora \
