@@ -20,6 +20,7 @@ abstract state, shardings and the jitted step come from train.py, as in fit().
 """
 
 import dataclasses
+import glob
 import json
 import math
 import os
@@ -33,8 +34,8 @@ import ml_collections
 from absl import app, flags
 from ml_collections import config_flags
 
+from sftjax import cli, sharding, train
 from sftjax import config as config_lib
-from sftjax import sharding, train
 
 GIB = 2**30
 # HBM per chip as libtpu reports it (GiB); v5p-N, v5e-N and v6e-N name their sizes in
@@ -73,14 +74,22 @@ class Target:
 
 def parse_topology(text: str) -> Target:
     """v5p:2x4x4 (chips in a grid) or v5p-64 (TensorCores, as slices are named) -> Target."""
-    match = re.fullmatch(r"(v5p|v5e|v6e)([:-])([\dx]+)", text.strip().lower())
+    match = re.fullmatch(r"(v5p|v5e|v6e)(?::(\d+(?:x\d+)*)|-(\d+))", text.strip().lower())
     if not match:
         raise PlanError(f"--topology={text!r}: expected e.g. v5p:2x2x2, v5p-16, v5e-8 or v6e:2x4")
-    generation, sep, size = match.groups()
+    generation, grid, size = match.groups()
     spec = CHIPS[generation]
-    if sep == ":":
-        chips = math.prod(int(d) for d in size.split("x"))
-        shape = size
+    if grid:
+        dims = [int(d) for d in grid.split("x")]
+        rank = 3 if generation == "v5p" else 2
+        if len(dims) != rank or min(dims) < 1:
+            example = "2x2x1" if rank == 3 else "2x4"
+            raise PlanError(
+                f"--topology={text!r}: a {generation} grid is {rank} numbers >= 1, e.g. "
+                f"{generation}:{example}"
+            )
+        chips = math.prod(dims)
+        shape = grid
     else:
         chips = int(size) // spec["cores_per_chip"]
         if chips not in spec["shapes"]:
@@ -98,6 +107,28 @@ def _host_bounds(shape: str) -> dict:
     return {"chips_per_host_bounds": dims} if dims[0] < 2 or dims[1] < 2 else {}
 
 
+def accelerator_type(target: Target) -> str:
+    """Cloud TPU's name of the slice (v5p-8, v5litepod-4, v6e-8), as TPU VMs report it."""
+    if target.generation == "v5p":
+        return f"v5p-{target.chips * CHIPS['v5p']['cores_per_chip']}"
+    return f"{'v5litepod' if target.generation == 'v5e' else 'v6e'}-{target.chips}"
+
+
+def _describe_host_to_libtpu(target: Target) -> None:
+    """Give libtpu the slice and worker names a TPU VM would, where there is no TPU.
+
+    Without them libtpu, on loading, prints ~6 lines of C++ warnings (a missing
+    TPU_ACCELERATOR_TYPE, an unparsable TPU_WORKER_HOSTNAMES, a source-location trace) past any
+    logging setting. Both only describe the host it would run on; the compiled target comes
+    from the topology name alone (measured: the same devices for every value). A TPU VM's own
+    values, and anything the user set, are kept.
+    """
+    if glob.glob("/dev/accel*") or os.path.exists("/dev/vfio"):
+        return
+    os.environ.setdefault("TPU_ACCELERATOR_TYPE", accelerator_type(target))
+    os.environ.setdefault("TPU_WORKER_HOSTNAMES", "localhost")
+
+
 def devices_for(target: Target) -> list:
     """The target's devices: TPU devices from libtpu's topology, or this host's CPU devices."""
     if not target.is_tpu:
@@ -110,6 +141,7 @@ def devices_for(target: Target) -> list:
         # Compiling only: no TPU is opened, so libtpu's one-process-per-host lock (which would
         # serialise concurrent plans and test runs on a CPU host) guards nothing here.
         os.environ.setdefault("ALLOW_MULTIPLE_LIBTPU_LOAD", "1")
+        _describe_host_to_libtpu(target)
     try:
         shape = target.name.split(":")[1]
         topology = topologies.get_topology_desc(target.name, "tpu", **_host_bounds(shape))
@@ -337,17 +369,23 @@ def define_flags() -> None:
     config_flags.DEFINE_config_file("config", None, "Config file (configs/*.py).")
     flags.DEFINE_string("topology", None, "TPU slice: v5p:2x4x4, v5p-64, v5e-8, v6e:2x4.")
     flags.DEFINE_integer(
-        "devices", 0, "Instead: N local devices (GPUs, or CPUs for a rough estimate)."
+        "devices",
+        None,
+        "Instead: N local devices (GPUs, or CPUs for a rough estimate).",
+        lower_bound=1,
     )
-    flags.DEFINE_float("hbm_gib", DEFAULT_DEVICE_HBM_GIB, "Memory per device for --devices.")
+    flags.DEFINE_float(
+        "hbm_gib", DEFAULT_DEVICE_HBM_GIB, "Memory per device for --devices.", lower_bound=0.01
+    )
     flags.DEFINE_bool("search", True, "If it does not fit, try knobs until one does.")
     flags.mark_flag_as_required("config")
 
 
 def main(argv: list[str]) -> None:
     del argv
+    cli.setup_logging()  # on a host without a TPU: the CPU backend, and no libtpu start-up noise
     try:
-        if bool(FLAGS.topology) == bool(FLAGS.devices):
+        if bool(FLAGS.topology) == (FLAGS.devices is not None):
             raise PlanError("give exactly one of --topology=v5p:2x2x2 or --devices=N")
         if FLAGS.devices:
             jax.config.update("jax_num_cpu_devices", FLAGS.devices)  # used if on the CPU
@@ -356,7 +394,7 @@ def main(argv: list[str]) -> None:
         else:
             target = parse_topology(FLAGS.topology)
         plans = plan(FLAGS.config, target, search=FLAGS.search)
-    except (PlanError, config_lib.ConfigError) as e:
+    except (PlanError, *cli.USER_ERRORS) as e:
         print(f"error: {e}", file=sys.stderr)
         sys.exit(2)
     print(json.dumps(summary(plans)))
@@ -365,4 +403,5 @@ def main(argv: list[str]) -> None:
 
 if __name__ == "__main__":
     define_flags()
-    app.run(main)
+    # A malformed flag (--devices=x, an unknown --config key) is one line and exit 2, as in main.
+    app.run(main, flags_parser=cli.parse_flags)

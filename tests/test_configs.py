@@ -1,8 +1,9 @@
-"""The Llama-2 configs and the multi-host path: overrides of base only, valid, full-size shapes.
+"""The shipped configs and the multi-host path: overrides of base only, valid, full-size shapes.
 
-Owns: configs/llama2_{7b,13b,70b}.py and llama2_{7b,70b}_lora.py loaded exactly as main.py
-loads them; config.validate on them with real paths; published parameter counts; the 7B train
-state's FSDP sharding and per-device bytes under jax.eval_shape (no memory); one train step run
+Owns: configs/llama2_{7b,13b,70b}.py, llama2_{7b,70b}_lora.py, llama3_{8b,70b}.py,
+llama3_8b_lora.py and qwen3_8b.py loaded exactly as main.py loads them; config.validate on them
+with real paths; published parameter counts; the 7B and Qwen3-8B train states' FSDP sharding
+and per-device bytes under jax.eval_shape (no memory); one train step run
 by two processes through jax.distributed (gloo on CPU) equal to the same step in one process;
 the launch scripts' commands (DRY_RUN) and main.py accepting them.
 It does not run a real pod: the 2-process CPU test is the only multi-host evidence here.
@@ -36,17 +37,36 @@ from sftjax.model import llama
 # ml_collections' config_flags loads config files with the deprecated importlib load_module().
 pytestmark = pytest.mark.filterwarnings("ignore:the load_module:DeprecationWarning")
 
-NAMES = ("llama2_7b", "llama2_13b", "llama2_70b")
-LORA_NAMES = ("llama2_7b_lora", "llama2_70b_lora")  # same model and data recipe, LoRA on
-PUBLISHED_PARAMS = {
+NAMES = ("llama2_7b", "llama2_13b", "llama2_70b", "llama3_8b", "llama3_70b", "qwen3_8b")
+# Same model and data recipe as the name without _lora, LoRA on.
+LORA_NAMES = ("llama2_7b_lora", "llama2_70b_lora", "llama3_8b_lora")
+PUBLISHED_PARAMS = {  # the safetensors index's total_size / 2 of the bf16 checkpoints
     "llama2_7b": 6_738_415_616,
     "llama2_13b": 13_015_864_320,
     "llama2_70b": 68_976_648_192,
+    "llama3_8b": 8_030_261_248,  # Llama-3.1-8B
+    "llama3_70b": 70_553_706_496,  # Llama-3.1-70B, Llama-3.3-70B
+    "qwen3_8b": 8_190_735_360,  # Qwen3-8B, q/k norm scales (36 layers x 2 x 128) included
 }
-# Hand-written Hugging Face config.json shapes (meta-llama/Llama-2-*-hf), so the HF → LlamaConfig
-# path is checked against numbers that don't come from our own presets.
+# The HF directory each config's placeholder paths name.
+HF_NAMES = {
+    "llama2_7b": "Llama-2-7b-hf",
+    "llama2_13b": "Llama-2-13b-hf",
+    "llama2_70b": "Llama-2-70b-hf",
+    "llama3_8b": "Llama-3.1-8B",
+    "llama3_70b": "Llama-3.1-70B",
+    "qwen3_8b": "Qwen3-8B-Base",
+}
+_LLAMA2_HF = dict(vocab_size=32000, max_position_embeddings=4096, rms_norm_eps=1e-5)
+_LLAMA3_HF = dict(
+    vocab_size=128256, max_position_embeddings=131072, rms_norm_eps=1e-5, rope_theta=500000.0
+)
+# Hand-written Hugging Face config.json shapes (meta-llama/Llama-2-*-hf, Llama-3.1-*,
+# Qwen/Qwen3-8B), so the HF → LlamaConfig path is checked against numbers that don't come from
+# our own presets.
 HF_SHAPES = {
     "llama2_7b": dict(
+        _LLAMA2_HF,
         hidden_size=4096,
         intermediate_size=11008,
         num_hidden_layers=32,
@@ -54,6 +74,7 @@ HF_SHAPES = {
         num_key_value_heads=32,
     ),
     "llama2_13b": dict(
+        _LLAMA2_HF,
         hidden_size=5120,
         intermediate_size=13824,
         num_hidden_layers=40,
@@ -61,23 +82,71 @@ HF_SHAPES = {
         num_key_value_heads=40,
     ),
     "llama2_70b": dict(
+        _LLAMA2_HF,
         hidden_size=8192,
         intermediate_size=28672,
         num_hidden_layers=80,
         num_attention_heads=64,
         num_key_value_heads=8,
     ),
+    "llama3_8b": dict(
+        _LLAMA3_HF,
+        hidden_size=4096,
+        intermediate_size=14336,
+        num_hidden_layers=32,
+        num_attention_heads=32,
+        num_key_value_heads=8,
+    ),
+    "llama3_70b": dict(
+        _LLAMA3_HF,
+        hidden_size=8192,
+        intermediate_size=28672,
+        num_hidden_layers=80,
+        num_attention_heads=64,
+        num_key_value_heads=8,
+    ),
+    "qwen3_8b": dict(
+        vocab_size=151936,
+        hidden_size=4096,
+        intermediate_size=12288,
+        num_hidden_layers=36,
+        num_attention_heads=32,
+        num_key_value_heads=8,
+        head_dim=128,
+        max_position_embeddings=40960,
+        rms_norm_eps=1e-6,
+        rope_theta=1e6,
+        tie_word_embeddings=False,
+    ),
 }
-# Published Llama-2 SFT practice that each file must carry.
+_ROWS_4K = {"data.seq_len": 4096, "train.batch_size": 32}  # 131k tokens/step, as 64 x 2048
+# Published SFT practice that each file must carry (over COMMON_RECIPE).
 RECIPE = {
     "llama2_7b": {"optim.lr": 2e-5, "model.remat": "save_dots"},
     "llama2_13b": {"optim.lr": 2e-5},
     "llama2_70b": {"optim.lr": 1e-5, "model.remat": "full"},
     "llama2_7b_lora": {"optim.lr": 2e-4, "model.lora.dropout": 0.05},
     "llama2_70b_lora": {"optim.lr": 1e-4, "model.lora.dropout": 0.05, "model.remat": "full"},
+    # 4096-token rows; full remat fits the 8B ones on a v5p-8 (tests/test_plan.py).
+    "llama3_8b": {"optim.lr": 2e-5, "model.remat": "full", **_ROWS_4K},
+    "qwen3_8b": {"optim.lr": 1e-5, "model.remat": "full", **_ROWS_4K},
+    "llama3_70b": {
+        "optim.lr": 1e-5,
+        "model.remat": "full",
+        "data.seq_len": 4096,
+        "train.batch_size": 64,  # 262k tokens per step, 2 rows per chip on a v5p-64
+        "eval.every_steps": 100,  # ~26M tokens, as the others
+    },
+    "llama3_8b_lora": {
+        "optim.lr": 2e-4,
+        "model.lora.dropout": 0.05,
+        "model.remat": "full",
+        "train.microbatches": 16,
+        **_ROWS_4K,
+    },
 }
 # Devices each config is sized for (its microbatches divide the batch over them); else 8.
-SIZED_FOR = {"llama2_7b_lora": 1, "llama2_70b_lora": 4}
+SIZED_FOR = {"llama2_7b_lora": 1, "llama2_70b_lora": 4, "llama3_8b_lora": 1, "llama3_70b": 32}
 LORA_RECIPE = {
     "model.lora.rank": 16,
     "model.lora.alpha": 32.0,
@@ -131,7 +200,13 @@ def size(name: str) -> str:
 
 def name_hf(name: str) -> str:
     """llama2_7b(_lora) -> Llama-2-7b-hf, the Hugging Face directory name."""
-    return "Llama-2-" + size(name).removeprefix("llama2_") + "-hf"
+    return HF_NAMES[size(name)]
+
+
+def published_params(name: str, cfg: llama.LlamaConfig) -> int:
+    """The published count, less Qwen3's q/k RMSNorm scales where the model has none."""
+    qk_norm = size(name) == "qwen3_8b" and not getattr(cfg, "qk_norm", False)
+    return PUBLISHED_PARAMS[size(name)] - (36 * 2 * 128 if qk_norm else 0)
 
 
 @pytest.fixture(scope="module")
@@ -146,14 +221,7 @@ def real_paths(tmp_path_factory) -> dict:
     for name, shape in HF_SHAPES.items():
         hf_dir = root / name
         hf_dir.mkdir()
-        hf = dict(
-            shape,
-            model_type="llama",
-            vocab_size=32000,
-            max_position_embeddings=4096,
-            rms_norm_eps=1e-5,
-            hidden_act="silu",
-        )
+        hf = {"model_type": "llama", "hidden_act": "silu", **shape}
         (hf_dir / "config.json").write_text(json.dumps(hf))
         # Weights are looked for, not read (an empty index names none).
         (hf_dir / "model.safetensors.index.json").write_text('{"weight_map": {}}')
@@ -215,12 +283,13 @@ def test_validate_accepts_config_and_params_match_published(name, real_paths):
     config.model.hf_path = ""  # the preset instead of config.json
     from_preset = config_lib.model_config(config.model)
     assert from_hf == from_preset
-    assert from_hf.num_params == PUBLISHED_PARAMS[size(name)]
+    assert from_hf.num_params == published_params(name, from_hf)
     assert from_hf.lora_rank == (16 if name in LORA_NAMES else 0)
 
 
-def test_7b_train_state_is_fsdp_sharded_with_expected_bytes_per_device():
-    config = load_config("llama2_7b", "--config.model.hf_path=")
+@pytest.mark.parametrize("name", ["llama2_7b", "qwen3_8b"])  # Qwen3: 152k vocab, head_dim given
+def test_8b_train_state_is_fsdp_sharded_with_expected_bytes_per_device(name):
+    config = load_config(name, "--config.model.hf_path=")
     mesh = sharding.make_mesh(config.mesh.data, config.mesh.fsdp, config.mesh.tensor)
     assert dict(mesh.shape) == {"data": 1, "fsdp": 8, "tensor": 1}
     cfg = config_lib.model_config(config.model)
@@ -228,7 +297,8 @@ def test_7b_train_state_is_fsdp_sharded_with_expected_bytes_per_device():
     _, abstract_state = nnx.split(llama.abstract(cfg, mesh))
     param_shardings = nnx.to_pure_dict(sharding.state_shardings(abstract_state, mesh))
     abstract_params = nnx.to_pure_dict(abstract_state)
-    assert sum(math.prod(p.shape) for p in jax.tree.leaves(abstract_params)) == 6_738_415_616
+    num_params = sum(math.prod(p.shape) for p in jax.tree.leaves(abstract_params))
+    assert num_params == published_params(name, cfg)
     tx, _ = train.make_optimizer(config.optim, 1000)
     shardings = train.state_shardings_for(param_shardings, abstract_params, tx)
     state = jax.eval_shape(
@@ -254,7 +324,7 @@ def test_7b_train_state_is_fsdp_sharded_with_expected_bytes_per_device():
         for x, s in zip(leaves, leaf_shardings, strict=True)
     )
     # fp32 params + Adam mu + nu = 12 bytes per parameter, split 8 ways
-    assert per_device == pytest.approx(3 * 4 * 6_738_415_616 / 8, rel=0.01)
+    assert per_device == pytest.approx(3 * 4 * num_params / 8, rel=0.01)
 
 
 def one_train_step(devices, process_index: int, process_count: int) -> dict:

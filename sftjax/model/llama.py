@@ -143,6 +143,7 @@ class LlamaConfig:
 
 
 _LLAMA2 = dict(vocab_size=32000, max_seq_len=4096, norm_eps=1e-5, rope_theta=10000.0)
+_LLAMA3 = dict(vocab_size=128256, max_seq_len=131072, norm_eps=1e-5, rope_theta=500000.0)
 PRESETS = {
     "llama2_7b": dict(
         _LLAMA2, embed_dim=4096, mlp_dim=11008, num_layers=32, num_heads=32, num_kv_heads=32
@@ -170,6 +171,26 @@ PRESETS = {
         num_heads=4,
         num_kv_heads=4,
         max_seq_len=512,
+    ),
+    # Shapes of the public Hugging Face config.json files (Llama-3.1-8B, Llama-3.1/3.3-70B,
+    # Qwen3-8B): random init and the planner use them; with hf_path set, config.json decides.
+    "llama3_8b": dict(
+        _LLAMA3, embed_dim=4096, mlp_dim=14336, num_layers=32, num_heads=32, num_kv_heads=8
+    ),
+    "llama3_70b": dict(
+        _LLAMA3, embed_dim=8192, mlp_dim=28672, num_layers=80, num_heads=64, num_kv_heads=8
+    ),
+    "qwen3_8b": dict(
+        vocab_size=151936,
+        embed_dim=4096,
+        mlp_dim=12288,
+        num_layers=36,
+        num_heads=32,
+        num_kv_heads=8,
+        head_dim=128,
+        max_seq_len=40960,
+        rope_theta=1e6,
+        norm_eps=1e-6,
     ),
 }
 
