@@ -59,7 +59,17 @@ HF_NAMES = {
 }
 _LLAMA2_HF = dict(vocab_size=32000, max_position_embeddings=4096, rms_norm_eps=1e-5)
 _LLAMA3_HF = dict(
-    vocab_size=128256, max_position_embeddings=131072, rms_norm_eps=1e-5, rope_theta=500000.0
+    vocab_size=128256,
+    max_position_embeddings=131072,
+    rms_norm_eps=1e-5,
+    rope_theta=500000.0,
+    rope_scaling=dict(  # as Llama-3.1's config.json writes it (4.x spelling)
+        rope_type="llama3",
+        factor=8.0,
+        low_freq_factor=1.0,
+        high_freq_factor=4.0,
+        original_max_position_embeddings=8192,
+    ),
 )
 # Hand-written Hugging Face config.json shapes (meta-llama/Llama-2-*-hf, Llama-3.1-*,
 # Qwen/Qwen3-8B), so the HF → LlamaConfig path is checked against numbers that don't come from
@@ -117,6 +127,7 @@ HF_SHAPES = {
         rms_norm_eps=1e-6,
         rope_theta=1e6,
         tie_word_embeddings=False,
+        model_type="qwen3",
     ),
 }
 _ROWS_4K = {"data.seq_len": 4096, "train.batch_size": 32}  # 131k tokens/step, as 64 x 2048
@@ -203,10 +214,9 @@ def name_hf(name: str) -> str:
     return HF_NAMES[size(name)]
 
 
-def published_params(name: str, cfg: llama.LlamaConfig) -> int:
-    """The published count, less Qwen3's q/k RMSNorm scales where the model has none."""
-    qk_norm = size(name) == "qwen3_8b" and not getattr(cfg, "qk_norm", False)
-    return PUBLISHED_PARAMS[size(name)] - (36 * 2 * 128 if qk_norm else 0)
+def published_params(name: str) -> int:
+    """The published parameter count of the checkpoint a config is named after."""
+    return PUBLISHED_PARAMS[size(name)]
 
 
 @pytest.fixture(scope="module")
@@ -283,7 +293,7 @@ def test_validate_accepts_config_and_params_match_published(name, real_paths):
     config.model.hf_path = ""  # the preset instead of config.json
     from_preset = config_lib.model_config(config.model)
     assert from_hf == from_preset
-    assert from_hf.num_params == published_params(name, from_hf)
+    assert from_hf.num_params == published_params(name)
     assert from_hf.lora_rank == (16 if name in LORA_NAMES else 0)
 
 
@@ -298,7 +308,7 @@ def test_8b_train_state_is_fsdp_sharded_with_expected_bytes_per_device(name):
     param_shardings = nnx.to_pure_dict(sharding.state_shardings(abstract_state, mesh))
     abstract_params = nnx.to_pure_dict(abstract_state)
     num_params = sum(math.prod(p.shape) for p in jax.tree.leaves(abstract_params))
-    assert num_params == published_params(name, cfg)
+    assert num_params == published_params(name)
     tx, _ = train.make_optimizer(config.optim, 1000)
     shardings = train.state_shardings_for(param_shardings, abstract_params, tx)
     state = jax.eval_shape(

@@ -143,7 +143,19 @@ class LlamaConfig:
 
 
 _LLAMA2 = dict(vocab_size=32000, max_seq_len=4096, norm_eps=1e-5, rope_theta=10000.0)
-_LLAMA3 = dict(vocab_size=128256, max_seq_len=131072, norm_eps=1e-5, rope_theta=500000.0)
+_LLAMA3 = dict(
+    vocab_size=128256,
+    max_seq_len=131072,
+    norm_eps=1e-5,
+    rope_theta=500000.0,
+    rope_scaling=dict(  # Llama-3.1's long-context rescaling of the rotary frequencies
+        rope_type="llama3",
+        factor=8.0,
+        low_freq_factor=1.0,
+        high_freq_factor=4.0,
+        original_max_position_embeddings=8192,
+    ),
+)
 PRESETS = {
     "llama2_7b": dict(
         _LLAMA2, embed_dim=4096, mlp_dim=11008, num_layers=32, num_heads=32, num_kv_heads=32
@@ -191,6 +203,8 @@ PRESETS = {
         max_seq_len=40960,
         rope_theta=1e6,
         norm_eps=1e-6,
+        model_type="qwen3",
+        qk_norm=True,
     ),
 }
 
