@@ -71,14 +71,23 @@ class DataReport:
     prompt_truncated: int = 0  # over seq_len, prompt cut from the left (train + validation)
     history_truncated: int = 0  # over seq_len, earliest turns dropped (train + validation)
     turns_cut: int = 0  # user + assistant turns those examples lost
-    # Per example (train + validation), before the length policy: untrained / trained tokens,
-    # counting BOS with the prompt and EOS with the response.
-    prompt_lengths: list[int] = dataclasses.field(default_factory=list)
-    response_lengths: list[int] = dataclasses.field(default_factory=list)
+    # (row source file:line, untrained tokens, trained tokens) per example (train + validation)
+    # tokenized whole, before the length policy; BOS counts with the prompt, EOS with the
+    # response. Rows whose characters alone prove them over-long have none: paired with its
+    # row, a length can't be read as another row's.
+    lengths: list[tuple[str, int, int]] = dataclasses.field(default_factory=list)
     # Examples kept (train + validation) where some segment boundary tokenizes differently when
     # the whole string is encoded; trained segment-wise, as generation sees them (tokenize.py).
     boundary_merges: int = 0
     merged_examples: list[str] = dataclasses.field(default_factory=list)  # first few, file:line
+
+    @property
+    def prompt_lengths(self) -> list[int]:
+        return [prompt for _, prompt, _ in self.lengths]
+
+    @property
+    def response_lengths(self) -> list[int]:
+        return [response for _, _, response in self.lengths]
 
     def summary(self) -> str:
         """Counts, for logs."""
@@ -226,7 +235,7 @@ def encode_rows(
     Uses config.seq_len, .overlong and .train_on; `template` comes from make_template. A row
     whose characters alone prove it over-long is never tokenized whole: dropped, its prompt cut
     (truncate_prompt) or its history cut (truncate_history) first, so a 50 MB line costs
-    milliseconds. Only rows that are tokenized whole have their lengths recorded.
+    milliseconds. Only rows that are tokenized whole have their lengths recorded (report.lengths).
     """
     if config.overlong not in tokenize.OVERLONG_POLICIES:
         raise ValueError(
@@ -254,8 +263,7 @@ def encode_rows(
     fitted_by_row: dict[int, Encoded] = {}
     for (i, _), example in zip(todo, encoded, strict=True):
         trained = int(example.trainable.sum())
-        report.prompt_lengths.append(len(example.ids) - trained)
-        report.response_lengths.append(trained)
+        report.lengths.append((rows[i].source, len(example.ids) - trained, trained))
         fitted = tokenize.fit_length(example, config.seq_len, config.overlong)
         if fitted is None and config.overlong == "truncate_history":
             by_history.append(i)
