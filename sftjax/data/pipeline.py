@@ -9,7 +9,8 @@ Does not own: jax arrays (the trainer calls `jax.make_array_from_process_local_d
 
 Usage (the trainer):
     tok = tokenize.load_tokenizer(config.data.tokenizer)
-    train, validation, report = pipeline.load_splits(config.data, tok)   # DataError: exit 2
+    template = pipeline.make_template(config.data, tok)   # read data.chat_template once
+    train, validation, report = pipeline.load_splits(config.data, tok, template)  # DataError
     it = pipeline.train_batches(train, batch_size=B, seq_len=config.data.seq_len,
         seed=config.data.shuffle_seed, num_epochs=config.data.num_epochs, pack=config.data.pack,
         num_bins=config.data.packing_bins,
@@ -286,25 +287,24 @@ def encode_rows(
 
 
 def overlong_rows(
-    config: ml_collections.ConfigDict, tok: tokenize.SegmentTokenizer
+    config: ml_collections.ConfigDict, tok: tokenize.SegmentTokenizer, template
 ) -> Callable[[records.Row], bool]:
     """Whether the length policy certainly drops a row, judged from its characters alone.
 
     read_splits takes such rows out before grouping, so a 50 MB line never reaches the
     near-duplicate pass or the tokenizer. Only rows with more characters than seq_len + 1
-    tokens could cover are rendered to check; a row that might fit is always kept.
+    tokens could cover are rendered (with `template`, from make_template) to check; a row that
+    might fit is always kept.
     """
     if tok.max_token_chars is None:
         return lambda row: False
     limit = config.seq_len + 1
-    made = []  # the template, made at the first long row (most data has none)
+    framed = template.framed
 
     def dropped(row: records.Row) -> bool:
         turns = row.conversation()
         if sum(len(text) for _, text in turns) <= limit * tok.max_token_chars:
             return False
-        made[:] = made or [make_template(config, tok)]
-        template, framed = made[0], made[0].framed
         segments = template.segments(row)
         if not tokenize.surely_longer(segments, tok, limit, framed=framed):
             return False
@@ -372,12 +372,13 @@ def read_splits(
 def encode_splits(
     config: ml_collections.ConfigDict,
     tok: tokenize.SegmentTokenizer,
+    template,
     train_rows: Sequence[records.Row],
     validation_rows: Sequence[records.Row],
     report: DataReport,
 ) -> tuple[list[Example], list[Example]]:
-    """Encode both sides with the config's template and length policy (counted in report)."""
-    template = make_template(config, tok)
+    """Encode both sides with `template` (make_template) and the length policy (counted in
+    report)."""
     train = encode_rows(train_rows, template, tok, config=config, report=report)
     validation = encode_rows(validation_rows, template, tok, config=config, report=report)
     if not train:
@@ -393,11 +394,17 @@ def encode_splits(
 
 
 def load_splits(
-    config: ml_collections.ConfigDict, tok: tokenize.SegmentTokenizer
+    config: ml_collections.ConfigDict, tok: tokenize.SegmentTokenizer, template=None
 ) -> tuple[list[Example], list[Example], DataReport]:
-    """Read, validate, split and encode the data section's files (read_splits says what raises)."""
-    train_rows, validation_rows, report = read_splits(config, overlong_rows(config, tok))
-    train, validation = encode_splits(config, tok, train_rows, validation_rows, report)
+    """Read, validate, split and encode the data section's files (read_splits says what raises).
+
+    template: make_template(config, tok) when not given; a caller that needs the template
+    afterwards (the trainer: eval prompts, export, the run's record) makes it once and passes
+    it, so the data.chat_template file is read, and its probe warns, once per run.
+    """
+    template = make_template(config, tok) if template is None else template
+    train_rows, validation_rows, report = read_splits(config, overlong_rows(config, tok, template))
+    train, validation = encode_splits(config, tok, template, train_rows, validation_rows, report)
     return train, validation, report
 
 

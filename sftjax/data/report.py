@@ -81,9 +81,10 @@ def build_report(
     counting = ml_collections.ConfigDict(data.to_dict())
     counting.bad_rows = "skip"
     counting.leakage = "warn"
-    dropped = pipeline.overlong_rows(counting, tok)
+    template = pipeline.make_template(counting, tok)
+    dropped = pipeline.overlong_rows(counting, tok, template)
     train_rows, validation_rows, report = pipeline.read_splits(counting, dropped)
-    train, _ = pipeline.encode_splits(counting, tok, train_rows, validation_rows, report)
+    train, _ = pipeline.encode_splits(counting, tok, template, train_rows, validation_rows, report)
     rows = [*train_rows, *validation_rows]
     efficiency, per_row = pipeline.packing_stats(
         train, seq_len=data.seq_len, seed=data.shuffle_seed, num_bins=data.packing_bins
