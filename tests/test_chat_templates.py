@@ -80,7 +80,7 @@ def test_real_templates_give_apply_chat_template_ids_and_exact_masks(
     assert [r.messages for r in sharegpt] == [r.messages for r in rows]
     segments = [template.segments(r) for r in rows]
     encoded = tokenize.encode_many(segments, tok, framed=False)
-    assert tokenize.check_rendered(segments, encoded, tok) is None
+    assert tokenize.boundary_merges(segments, encoded, tok, framed=False) == []
     for row, example in zip(rows, encoded, strict=True):
         messages = as_messages(row.messages)
         assert example.ids.tolist() == _hf_ids(tok, jinja, messages), row.source
@@ -106,7 +106,7 @@ def test_control_token_text_in_messages_stays_text(name, llama2, llama2_with_hea
     row = records.Row("tricky:1", messages=tuple(TRICKY))
     segments = template.segments(row)
     example = tokenize.encode(segments, tok, framed=False)
-    assert tokenize.check_rendered([segments], [example], tok) is None
+    assert tokenize.boundary_merges([segments], [example], tok, framed=False) == []
     # Only the template's own special tokens are ids: one EOS per answer at most, BOS as written.
     rendered = tok.hf.apply_chat_template(
         as_messages(TRICKY), chat_template=REAL_TEMPLATES[name], tokenize=False
