@@ -9,6 +9,8 @@ nor the LoRA base's identity (base_model.py, which hashes its weight files here)
 """
 
 import hashlib
+import io
+from typing import BinaryIO
 
 from sftjax import paths
 from sftjax.data import records
@@ -26,17 +28,26 @@ NOT_TOKENIZER = (".safetensors", ".bin", ".pt", ".pth", ".gguf", ".msgpack", ".h
 
 def file_identity(file: paths.Path, *, safetensors: bool = False) -> dict:
     """{"bytes", "sampled_sha256"} of one file (local or URL); `safetensors`: its header whole."""
-    size = file.stat().length
-    digest = hashlib.sha256()
     with file.open("rb") as f:
-        data_start = 0
-        if safetensors:
-            header_length = int.from_bytes(f.read(8), "little")
-            digest.update(f.read(header_length))
-            data_start = 8 + header_length
-        for offset in (data_start, (data_start + size) // 2, size - SAMPLE_BYTES):
-            f.seek(max(data_start, offset))
-            digest.update(f.read(SAMPLE_BYTES))
+        return _identity(f, file.stat().length, safetensors)
+
+
+def text_identity(text: str) -> dict:
+    """file_identity of a file holding `text` in UTF-8, from the text already read."""
+    data = text.encode()
+    return _identity(io.BytesIO(data), len(data), False)
+
+
+def _identity(f: BinaryIO, size: int, safetensors: bool) -> dict:
+    digest = hashlib.sha256()
+    data_start = 0
+    if safetensors:
+        header_length = int.from_bytes(f.read(8), "little")
+        digest.update(f.read(header_length))
+        data_start = 8 + header_length
+    for offset in (data_start, (data_start + size) // 2, size - SAMPLE_BYTES):
+        f.seek(max(data_start, offset))
+        digest.update(f.read(SAMPLE_BYTES))
     return {"bytes": size, "sampled_sha256": digest.hexdigest()}
 
 
@@ -44,8 +55,11 @@ def _named(file: paths.Path) -> dict:
     return {"name": file.name, **file_identity(file)}
 
 
-def run_inputs(data: dict) -> dict[str, list[dict]]:
+def run_inputs(data: dict, template) -> dict[str, list[dict]]:
     """{config key: [{name, bytes, sampled_sha256}, ...]} for the files of config.data.
+
+    template (pipeline.make_template): with a data.chat_template file, the text it renders is
+    fingerprinted and recorded, not the file read again (it may have changed since).
 
     Data files keep the order their globs resolve to (rows are read, deduplicated and shuffled
     in that order; for validation files the first decides data.format="auto"); the tokenizer's
@@ -64,8 +78,8 @@ def run_inputs(data: dict) -> dict[str, list[dict]]:
     if data["chat_template"] and data["template"] == "tokenizer":  # else it is never read
         # Its text too (a few KiB): generate prompts with what training rendered, whatever
         # became of the file since.
-        template = paths.resolve(data["chat_template"])
-        inputs["data.chat_template"] = [{**_named(template), "text": template.read_text()}]
+        name, text = paths.resolve(data["chat_template"]).name, template.chat_template
+        inputs["data.chat_template"] = [{"name": name, **text_identity(text), "text": text}]
     return inputs
 
 

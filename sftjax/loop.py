@@ -147,7 +147,8 @@ def _prepare(config: ml_collections.ConfigDict, workdir: paths.Path) -> _Run:
     cfg = config_lib.model_config(config.model)
 
     tok = tokenize.load_tokenizer(config.data.tokenizer)
-    train_examples, val_examples, report = pipeline.load_splits(config.data, tok)
+    template = pipeline.make_template(config.data, tok)
+    train_examples, val_examples, report = pipeline.load_splits(config.data, tok, template)
     largest_id = max(max(e.tokens.max(), e.targets.max()) for e in train_examples + val_examples)
     if largest_id >= cfg.vocab_size:  # an id past the table would embed as NaN, not fail
         raise config_lib.ConfigError(
@@ -197,7 +198,7 @@ def _prepare(config: ml_collections.ConfigDict, workdir: paths.Path) -> _Run:
         rules=rules,
         cfg=cfg,
         tok=tok,
-        template=pipeline.make_template(config.data, tok),
+        template=template,
         data_iter=pipeline.train_batches(train_examples, **train_kwargs),
         val_batches=list(val_batches),
         total_steps=total_steps,
@@ -205,7 +206,7 @@ def _prepare(config: ml_collections.ConfigDict, workdir: paths.Path) -> _Run:
         abstract_state=abstract_state,
         abstract_frozen=abstract_frozen,
         base_identity=base_model.identity(config),
-        inputs=contents.run_inputs(config.data),
+        inputs=contents.run_inputs(config.data, template),
         tx=tx,
         step_fn=step_fn,
         eval_fn=eval_fn,

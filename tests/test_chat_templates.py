@@ -28,6 +28,8 @@ from conftest import shared_path
 from tokenizer_fixtures import MISTRAL_NO_SYSTEM
 from train_fixtures import base_config
 
+from sftjax import contents
+from sftjax import paths as sftjax_paths
 from sftjax.data import chat_templates, pipeline, records, tokenize
 from sftjax.data.chat_templates import TemplateError
 
@@ -78,7 +80,7 @@ def test_real_templates_give_apply_chat_template_ids_and_exact_masks(
     assert [r.messages for r in sharegpt] == [r.messages for r in rows]
     segments = [template.segments(r) for r in rows]
     encoded = tokenize.encode_many(segments, tok, framed=False)
-    assert tokenize.check_rendered(segments, encoded, tok) is None
+    assert tokenize.boundary_merges(segments, encoded, tok, framed=False) == []
     for row, example in zip(rows, encoded, strict=True):
         messages = as_messages(row.messages)
         assert example.ids.tolist() == _hf_ids(tok, jinja, messages), row.source
@@ -104,7 +106,7 @@ def test_control_token_text_in_messages_stays_text(name, llama2, llama2_with_hea
     row = records.Row("tricky:1", messages=tuple(TRICKY))
     segments = template.segments(row)
     example = tokenize.encode(segments, tok, framed=False)
-    assert tokenize.check_rendered([segments], [example], tok) is None
+    assert tokenize.boundary_merges([segments], [example], tok, framed=False) == []
     # Only the template's own special tokens are ids: one EOS per answer at most, BOS as written.
     rendered = tok.hf.apply_chat_template(
         as_messages(TRICKY), chat_template=REAL_TEMPLATES[name], tokenize=False
@@ -155,6 +157,43 @@ def test_a_boundary_that_merges_when_whole_is_counted_and_trained_segment_wise(l
     assert prompt + answer != whole
     assert np.r_[train[0].tokens[:1], train[0].targets].tolist() == prompt + answer
     assert train[0].loss_mask.tolist() == [0] * (len(prompt) - 1) + [1] * len(answer)
+
+
+def test_the_template_is_read_once_and_its_text_is_what_trains_and_is_recorded(
+    llama2, tmp_path, caplog
+):
+    """The trainer makes the template once and passes it along: the data.chat_template file is
+    read, and its probe warns, once (an over-long row once made it again), and the run's
+    record holds the text that trained, with the fingerprint of a file holding it, even when
+    the file is edited after it was read."""
+    no_eos = GLUED.replace(" + eos_token", " + '\\n'")
+    over_long = [("user", "word " * 300), ("assistant", "fine")]  # > 65 tokens of 16 chars
+    paths = write_formats(tmp_path, [*CONVERSATIONS[:2], over_long])
+    file = tmp_path / "chat.jinja"
+    file.write_text(no_eos)
+    config = base_config().data
+    config.update(
+        train_files=str(paths["messages"]),
+        validation_files=str(paths["messages"]),
+        template="tokenizer",
+        chat_template=str(file),
+        leakage="warn",
+        seq_len=64,
+    )
+    template = pipeline.make_template(config, llama2)
+    file.write_text(no_eos.replace("Q:", "Question:"))  # edited while the run starts
+    train, _, report = pipeline.load_splits(config, llama2, template)
+    assert caplog.text.count("will not learn to emit EOS") == 1
+    assert report.overlong_dropped == 2  # in training and in validation
+    assert llama2.decode(train[0].tokens).strip().startswith("Q:Hi")  # as it was read
+    inputs = contents.run_inputs(config, template)
+    (file.parent / "as_read.jinja").write_text(no_eos)
+    (recorded,) = inputs["data.chat_template"]
+    assert recorded == {
+        "name": "chat.jinja",
+        **contents.file_identity(sftjax_paths.resolve(file.parent / "as_read.jinja")),
+        "text": no_eos,
+    }
 
 
 def test_a_tokenizer_without_a_chat_template_is_explained(llama2):

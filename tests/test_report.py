@@ -114,3 +114,34 @@ def test_data_key_out_of_range_is_one_line_before_reading(tmp_path):
     assert result.stderr.strip().splitlines() == [
         "error: invalid config: config.data.packing_bins=0: must be an integer >= 1"
     ]
+
+
+def _chat(*turns: str) -> dict:
+    roles = ("user", "assistant") * len(turns)
+    return {"messages": [{"role": r, "content": t} for r, t in zip(roles, turns, strict=False)]}
+
+
+def test_rows_over_long_from_their_characters_are_reported_not_a_crash(tmp_path):
+    """Rows the length policy settles from characters alone are never tokenized whole, so
+    they have no lengths: a huge conversation whose last exchange fits (truncate_history) and
+    one whose turns alone just fit 65 tokens of 16 characters but not with the template's
+    tokens (dropped). The one-token answer after them is still found as one."""
+    rows = [_chat(f"Question {i}?", f"Answer number {i}.") for i in range(4)]
+    rows += [
+        _chat("word " * 5000, "ok " * 3000, "Short?", "Yes, short."),
+        _chat("a" * 520, "b" * 520),
+        _chat("Is the sky blue?", "Yes"),
+    ]
+    path = tmp_path / "chats.jsonl"
+    path.write_text("\n".join(json.dumps(r) for r in rows))
+    flags = ("--config.data.template=chat", "--config.data.seq_len=64")
+    result = _report(str(path), *flags, "--config.data.overlong=truncate_history")
+    assert result.returncode == 0, result.stderr[-3000:]
+    out = result.stdout
+    assert "dropped 1, prompt truncated 0, history truncated 1 with 2 turns cut" in out
+    assert "responses (7): empty 0 (0.0 %), one token 1 (14.3 %)" in out
+    assert "prompt tokens: p50" in out and "response tokens: p50" in out
+    result = _report(str(path), *flags, "--config.data.overlong=drop")
+    assert result.returncode == 0, result.stderr[-3000:]
+    assert "(policy 'drop': dropped 2, prompt truncated 0" in result.stdout
+    assert "responses (6): empty 0 (0.0 %), one token 1 (16.7 %)" in result.stdout

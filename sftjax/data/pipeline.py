@@ -9,7 +9,8 @@ Does not own: jax arrays (the trainer calls `jax.make_array_from_process_local_d
 
 Usage (the trainer):
     tok = tokenize.load_tokenizer(config.data.tokenizer)
-    train, validation, report = pipeline.load_splits(config.data, tok)   # DataError: exit 2
+    template = pipeline.make_template(config.data, tok)   # read data.chat_template once
+    train, validation, report = pipeline.load_splits(config.data, tok, template)  # DataError
     it = pipeline.train_batches(train, batch_size=B, seq_len=config.data.seq_len,
         seed=config.data.shuffle_seed, num_epochs=config.data.num_epochs, pack=config.data.pack,
         num_bins=config.data.packing_bins,
@@ -71,14 +72,23 @@ class DataReport:
     prompt_truncated: int = 0  # over seq_len, prompt cut from the left (train + validation)
     history_truncated: int = 0  # over seq_len, earliest turns dropped (train + validation)
     turns_cut: int = 0  # user + assistant turns those examples lost
-    # Per example (train + validation), before the length policy: untrained / trained tokens,
-    # counting BOS with the prompt and EOS with the response.
-    prompt_lengths: list[int] = dataclasses.field(default_factory=list)
-    response_lengths: list[int] = dataclasses.field(default_factory=list)
+    # (row source file:line, untrained tokens, trained tokens) per example (train + validation)
+    # tokenized whole, before the length policy; BOS counts with the prompt, EOS with the
+    # response. Rows whose characters alone prove them over-long have none: paired with its
+    # row, a length can't be read as another row's.
+    lengths: list[tuple[str, int, int]] = dataclasses.field(default_factory=list)
     # Examples kept (train + validation) where some segment boundary tokenizes differently when
     # the whole string is encoded; trained segment-wise, as generation sees them (tokenize.py).
     boundary_merges: int = 0
     merged_examples: list[str] = dataclasses.field(default_factory=list)  # first few, file:line
+
+    @property
+    def prompt_lengths(self) -> list[int]:
+        return [prompt for _, prompt, _ in self.lengths]
+
+    @property
+    def response_lengths(self) -> list[int]:
+        return [response for _, _, response in self.lengths]
 
     def summary(self) -> str:
         """Counts, for logs."""
@@ -226,7 +236,7 @@ def encode_rows(
     Uses config.seq_len, .overlong and .train_on; `template` comes from make_template. A row
     whose characters alone prove it over-long is never tokenized whole: dropped, its prompt cut
     (truncate_prompt) or its history cut (truncate_history) first, so a 50 MB line costs
-    milliseconds. Only rows that are tokenized whole have their lengths recorded.
+    milliseconds. Only rows that are tokenized whole have their lengths recorded (report.lengths).
     """
     if config.overlong not in tokenize.OVERLONG_POLICIES:
         raise ValueError(
@@ -254,8 +264,7 @@ def encode_rows(
     fitted_by_row: dict[int, Encoded] = {}
     for (i, _), example in zip(todo, encoded, strict=True):
         trained = int(example.trainable.sum())
-        report.prompt_lengths.append(len(example.ids) - trained)
-        report.response_lengths.append(trained)
+        report.lengths.append((rows[i].source, len(example.ids) - trained, trained))
         fitted = tokenize.fit_length(example, config.seq_len, config.overlong)
         if fitted is None and config.overlong == "truncate_history":
             by_history.append(i)
@@ -278,25 +287,24 @@ def encode_rows(
 
 
 def overlong_rows(
-    config: ml_collections.ConfigDict, tok: tokenize.SegmentTokenizer
+    config: ml_collections.ConfigDict, tok: tokenize.SegmentTokenizer, template
 ) -> Callable[[records.Row], bool]:
     """Whether the length policy certainly drops a row, judged from its characters alone.
 
     read_splits takes such rows out before grouping, so a 50 MB line never reaches the
     near-duplicate pass or the tokenizer. Only rows with more characters than seq_len + 1
-    tokens could cover are rendered to check; a row that might fit is always kept.
+    tokens could cover are rendered (with `template`, from make_template) to check; a row that
+    might fit is always kept.
     """
     if tok.max_token_chars is None:
         return lambda row: False
     limit = config.seq_len + 1
-    made = []  # the template, made at the first long row (most data has none)
+    framed = template.framed
 
     def dropped(row: records.Row) -> bool:
         turns = row.conversation()
         if sum(len(text) for _, text in turns) <= limit * tok.max_token_chars:
             return False
-        made[:] = made or [make_template(config, tok)]
-        template, framed = made[0], made[0].framed
         segments = template.segments(row)
         if not tokenize.surely_longer(segments, tok, limit, framed=framed):
             return False
@@ -364,12 +372,13 @@ def read_splits(
 def encode_splits(
     config: ml_collections.ConfigDict,
     tok: tokenize.SegmentTokenizer,
+    template,
     train_rows: Sequence[records.Row],
     validation_rows: Sequence[records.Row],
     report: DataReport,
 ) -> tuple[list[Example], list[Example]]:
-    """Encode both sides with the config's template and length policy (counted in report)."""
-    template = make_template(config, tok)
+    """Encode both sides with `template` (make_template) and the length policy (counted in
+    report)."""
     train = encode_rows(train_rows, template, tok, config=config, report=report)
     validation = encode_rows(validation_rows, template, tok, config=config, report=report)
     if not train:
@@ -385,11 +394,17 @@ def encode_splits(
 
 
 def load_splits(
-    config: ml_collections.ConfigDict, tok: tokenize.SegmentTokenizer
+    config: ml_collections.ConfigDict, tok: tokenize.SegmentTokenizer, template=None
 ) -> tuple[list[Example], list[Example], DataReport]:
-    """Read, validate, split and encode the data section's files (read_splits says what raises)."""
-    train_rows, validation_rows, report = read_splits(config, overlong_rows(config, tok))
-    train, validation = encode_splits(config, tok, train_rows, validation_rows, report)
+    """Read, validate, split and encode the data section's files (read_splits says what raises).
+
+    template: make_template(config, tok) when not given; a caller that needs the template
+    afterwards (the trainer: eval prompts, export, the run's record) makes it once and passes
+    it, so the data.chat_template file is read, and its probe warns, once per run.
+    """
+    template = make_template(config, tok) if template is None else template
+    train_rows, validation_rows, report = read_splits(config, overlong_rows(config, tok, template))
+    train, validation = encode_splits(config, tok, template, train_rows, validation_rows, report)
     return train, validation, report
 
 

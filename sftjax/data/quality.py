@@ -54,14 +54,19 @@ class ResponseFlags:
         )
 
 
-def response_flags(rows: Sequence[records.Row], trained_tokens: Sequence[int]) -> ResponseFlags:
-    """Flag each row; trained_tokens[i] is row i's trained token count, </s> included."""
+def response_flags(
+    rows: Sequence[records.Row], lengths: Sequence[tuple[str, int, int]]
+) -> ResponseFlags:
+    """Flag each row; lengths (DataReport.lengths) holds (source, prompt, trained) of the rows
+    tokenized whole, </s> in the trained count. A row without one (over-long from its
+    characters alone) can't be a one-token response."""
+    trained_by_source = {source: trained for source, _, trained in lengths}
     empty = one_token = repeats = 0
-    for row, trained in zip(rows, trained_tokens, strict=True):
+    for row in rows:
         response = dedup.normalize(groups.response_text(row))
         instruction = dedup.normalize(instruction_text(row))
         empty += not response
-        one_token += trained == 2
+        one_token += trained_by_source.get(row.source) == 2
         long_enough = len(instruction.split()) >= MIN_REPEATED_WORDS
         repeats += long_enough and f" {instruction} " in f" {response} "
     return ResponseFlags(len(rows), empty, one_token, repeats)

@@ -81,10 +81,11 @@ def build_report(
     counting = ml_collections.ConfigDict(data.to_dict())
     counting.bad_rows = "skip"
     counting.leakage = "warn"
-    dropped = pipeline.overlong_rows(counting, tok)
+    template = pipeline.make_template(counting, tok)
+    dropped = pipeline.overlong_rows(counting, tok, template)
     train_rows, validation_rows, report = pipeline.read_splits(counting, dropped)
-    train, _ = pipeline.encode_splits(counting, tok, train_rows, validation_rows, report)
-    rows = [*train_rows, *validation_rows]  # the order encode_splits recorded lengths in
+    train, _ = pipeline.encode_splits(counting, tok, template, train_rows, validation_rows, report)
+    rows = [*train_rows, *validation_rows]
     efficiency, per_row = pipeline.packing_stats(
         train, seq_len=data.seq_len, seed=data.shuffle_seed, num_bins=data.packing_bins
     )
@@ -96,7 +97,7 @@ def build_report(
         *_clusters(report.clusters),
         "task mix (leading word of the instruction): "
         + ", ".join(f"{word or '(none)'} {100 * n / len(rows):.1f} %" for word, n in mix),
-        quality.response_flags(rows, report.response_lengths).summary(),
+        quality.response_flags(rows, report.lengths).summary(),
         f"template {data.template!r}, training on {data.train_on.replace('_', ' ')}",
         f"over-long examples (> seq_len {data.seq_len} tokens): {over} "
         f"(policy {data.overlong!r}: dropped {report.overlong_dropped}, "

@@ -309,14 +309,6 @@ def _boundary_pairs(hf: Any, spec: dict) -> frozenset[str] | None:
     return frozenset(t[i : i + 2] for t in hf.get_vocab() for i in range(len(t) - 1))
 
 
-def check_rendered(
-    examples: Sequence[list[Segment]], encoded: Sequence[Encoded], tok: SegmentTokenizer
-) -> int | None:
-    """Index of the first rendered example whose ids differ from its whole runs', else None."""
-    merged = boundary_merges(examples, encoded, tok, framed=False)
-    return merged[0] if merged else None
-
-
 def _max_token_chars(hf: Any, spec: dict) -> int | None:
     """The most input characters one token can stand for, or None where nothing bounds it.
 
