@@ -16,8 +16,8 @@ The iterator position is one index shared by every process, so a checkpoint rest
 process count and any mesh with the same global batch. It does not decide when to save (loop.py).
 """
 
+import json
 import logging
-import os
 import sys
 import time
 
@@ -72,7 +72,8 @@ class Checkpointer:
         )
         options = ocp.CheckpointManagerOptions(
             preservation_policy=keep,
-            best_fn=lambda metrics: metrics[VAL_LOSS],  # only so best_step() works
+            # Orbax writes a step's metrics (val_loss()) only when a best_fn is set
+            best_fn=lambda metrics: metrics[VAL_LOSS],
             best_mode="min",
             keep_checkpoints_without_metrics=False,
             enable_async_checkpointing=async_save,
@@ -122,13 +123,6 @@ class Checkpointer:
 
     def all_steps(self) -> list[int]:
         return sorted(self._manager.all_steps())
-
-    def best_step(self) -> int | None:
-        """The step with the lowest validation loss among kept checkpoints (None: no eval yet)."""
-        steps_with_loss = [s for s in self.all_steps() if self.val_loss(s) is not None]
-        if not steps_with_loss:
-            return None
-        return min(steps_with_loss, key=self.val_loss)
 
     def steps_best_first(self) -> list[int]:
         """Kept steps by validation loss, lowest first, then those never evaluated, newest first."""
@@ -184,7 +178,7 @@ class Checkpointer:
             raise ValueError("the restored arrays differ from the fingerprint saved with them")
         return state, record
 
-    def restore_newest(self, abstract_state, *, steps: list[int] | None = None, check=None):
+    def restore_newest(self, abstract_state, *, check=None):
         """(step, state, record) of the newest checkpoint that restores and verifies, or None.
 
         A damaged checkpoint is moved to `<checkpoints>/../damaged_checkpoints/` with one
@@ -192,7 +186,7 @@ class Checkpointer:
         the JSON record before any array is read; what it raises (a refused config change)
         propagates: it is the user's call, not damage.
         """
-        for step in reversed(self.all_steps() if steps is None else steps):
+        for step in reversed(self.all_steps()):
             state = record = error = None
             try:
                 record = self.restore_record(step)
@@ -370,18 +364,14 @@ def is_finite(record_fingerprint: list[list[int]]) -> bool:
     return all(row[2] == 1 for row in record_fingerprint)
 
 
-def load_best(workdir, *, dtype: str | None = None) -> tuple[llama.Llama, str]:
-    """(best model, tokenizer dir) of a training workdir, from its Orbax checkpoints."""
-    model, record = read_best(workdir, dtype=dtype)
-    return model, os.fspath(record["config"]["data"]["tokenizer"])
-
-
 def read_best(workdir, *, dtype: str | None = None) -> tuple[llama.Llama, dict]:
     """(model, JSON record) of the best checkpoint of a training workdir that restores.
 
     Read-only: a damaged checkpoint is skipped with a warning (the next best by validation
     loss is read) and left where it is; the training run, when rerun, sets it aside. Raises
-    NoCheckpoint (exit 2) when none restores.
+    NoCheckpoint (exit 2) when none restores. The model is built from the recorded config
+    outside the damage handling: a config that no longer builds (model.hf_path moved, its
+    config.json changed) is the user's to fix and says so once, not "damaged" per step.
     """
     workdir = paths.resolve(workdir)
     directory = workdir / "checkpoints"
@@ -393,19 +383,21 @@ def read_best(workdir, *, dtype: str | None = None) -> tuple[llama.Llama, dict]:
                 f"{directory} holds no complete checkpoint yet: a run saves its first at "
                 "its first evaluation (eval.every_steps) or when stopped by SIGTERM/Ctrl-C"
             )
+        built = {}  # recorded config (JSON) -> its model; one entry unless a resume changed it
         skipped = []
         for step in steps:
             try:
                 record = ckpt.restore_record(step)
-                config = ml_collections.ConfigDict(record["config"])
-                if dtype:
-                    config.model.dtype = dtype
-                cfg = config_lib.model_config(config.model)
-                mesh = sharding.make_mesh(config.mesh.data, config.mesh.fsdp, config.mesh.tensor)
-                tx, _ = train.make_optimizer(config.optim, 1)
-                rules = config_lib.sharding_rules(config)
-                graphdef, abstract_state, _ = train.abstract_train_state(cfg, mesh, rules, tx)
-                state, record = ckpt.restore(step, abstract_state)
+                key = json.dumps(record["config"], sort_keys=True)
+            except Exception as e:  # the JSON record is missing or cut
+                skipped.append(step)
+                log.warning("checkpoint step %d is damaged (%s); not used", step, _reason(e))
+                continue
+            if key not in built:
+                built[key] = _Recorded(record["config"], dtype, workdir)
+            model = built[key]
+            try:
+                state, record = ckpt.restore(step, model.abstract_state)
             except Exception as e:  # any unreadable file, truncated array, wrong fingerprint
                 skipped.append(step)
                 log.warning("checkpoint step %d is damaged (%s); not used", step, _reason(e))
@@ -424,7 +416,35 @@ def read_best(workdir, *, dtype: str | None = None) -> tuple[llama.Llama, dict]:
             )
     finally:
         ckpt.close()
+    config, cfg = model.config, model.cfg
     if cfg.lora_rank:  # the checkpoint holds the adapters; the base is read where it was
         base_model.check_identity(record.get("base_model"), base_model.identity(config), step)
-    frozen = base_model.frozen_params(config, cfg, mesh, rules)
-    return nnx.merge(graphdef, state.params, frozen), record
+    frozen = base_model.frozen_params(config, cfg, model.mesh, model.rules)
+    return nnx.merge(model.graphdef, state.params, frozen), record
+
+
+class _Recorded:
+    """The model and train state a checkpoint's recorded config describes (shapes only)."""
+
+    def __init__(self, recorded: dict, dtype: str | None, workdir: paths.Path):
+        self.config = ml_collections.ConfigDict(recorded)
+        if dtype:
+            self.config.model.dtype = dtype
+        try:
+            self.cfg = config_lib.model_config(self.config.model)
+        except (ValueError, OSError) as e:  # hf_io.CheckpointError is a ValueError
+            reason, base = str(e).splitlines()[0], self.config.model.hf_path
+            raise config_lib.ConfigError(
+                f"reading {workdir} needs the architecture in model.hf_path={base}/config.json "
+                f"(the checkpoints hold weights only): {reason}; put the base model back there"
+                if base
+                else f"the config recorded in {workdir}'s checkpoints builds no model: {reason}"
+            ) from e
+        self.mesh = sharding.make_mesh(
+            self.config.mesh.data, self.config.mesh.fsdp, self.config.mesh.tensor
+        )
+        self.rules = config_lib.sharding_rules(self.config)
+        tx, _ = train.make_optimizer(self.config.optim, 1)
+        self.graphdef, self.abstract_state, _ = train.abstract_train_state(
+            self.cfg, self.mesh, self.rules, tx
+        )

@@ -141,7 +141,7 @@ def main(argv) -> None:
 
     print(
         f"\n{result.stop_reason} at step {result.last_step}; best validation loss "
-        f"{result.best_val_loss:.4f} at step {result.best_step} (restored)"
+        f"{loop.loss_text(result.best_val_loss)} at step {result.best_step} (restored)"
     )
     print(f"held-out exact match ({len(test)} unseen instructions, greedy):")
     for task, value in sorted(accuracy.items(), key=lambda kv: kv[0] == "overall"):

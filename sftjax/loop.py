@@ -87,18 +87,26 @@ def fit(config: ml_collections.ConfigDict, workdir) -> FitResult:
         try:
             return _fit(config, workdir, signals)
         except interrupts.StopRun as stop:  # before or after the loop: nothing was being written
-            saved = _saved_steps(workdir / "checkpoints")
-            last = saved[-1] if saved else None
-            log.info("%s: stopped%s", stop, f"; step {last} is saved" if saved else "")
+            last = _latest_saved(workdir / "checkpoints")
+            saved = f"; step {last} is saved" if last is not None else ""
+            log.info("%s: stopped%s", stop, saved)
             return FitResult("preempted", last, None, None, None, None)
 
 
-def _saved_steps(directory: paths.Path) -> list[int]:
-    """Steps with a finished checkpoint in `directory` (Orbax writes commit_success.txt last)."""
+def _latest_saved(directory: paths.Path) -> int | None:
+    """The newest finished checkpoint in `directory`, read as Orbax reads it (read-only)."""
     if not directory.exists():
-        return []
-    steps = [p for p in directory.iterdir() if p.name.isdigit()]
-    return sorted(int(p.name) for p in steps if (p / "commit_success.txt").exists())
+        return None
+    ckpt = checkpoint.Checkpointer(directory, max_to_keep=1, async_save=False, read_only=True)
+    try:
+        return ckpt.latest_step()
+    finally:
+        ckpt.close()
+
+
+def loss_text(loss: float | None) -> str:
+    """A validation loss for the user; a checkpoint saved by a stop signal has none."""
+    return "n/a (never evaluated)" if loss is None else f"{loss:.4f}"
 
 
 def _fit(config, workdir: paths.Path, signals: interrupts.Interrupts) -> FitResult:
@@ -221,11 +229,15 @@ def _start(run: _Run, ckpt: checkpoint.Checkpointer):
     config = run.config
     early = train.EarlyStopping(config.eval.patience, config.eval.min_delta)
 
+    warned = False
+
     def check_config(step: int, record: dict) -> None:
         """Refuse a resume whose config or base model changes the run (exit 2)."""
+        nonlocal warned
         base_model.check_identity(record.get("base_model"), run.base_identity, step)
-        if "inputs" not in record:
+        if "inputs" not in record and not warned:  # once, not per step tried
             log.warning(resume_check.NO_FINGERPRINTS)
+            warned = True
         inputs = resume_check.inputs(run.inputs, run.base_identity)
         changes = resume_check.check_record(record, config.to_dict(), inputs, step)
         log.info(resume_check.describe(changes))
@@ -401,10 +413,10 @@ def _finish(
         f"by more than {early.min_delta}",
     }[stop_reason]
     log.info(
-        "stopped at step %d (%s); best validation loss %.4f at step %s",
+        "stopped at step %d (%s); best validation loss %s at step %s",
         step,
         why,
-        best_loss,
+        loss_text(best_loss),
         best_step,
     )
     best_model = nnx.merge(run.graphdef, best_state.params, frozen)

@@ -70,7 +70,7 @@ def main(argv: list[str]) -> None:
         return
     print(
         f"{result.stop_reason} at step {result.last_step}; best step {result.best_step} "
-        f"(validation loss {result.best_val_loss:.4f}); export: {result.export_dir}"
+        f"(validation loss {loop.loss_text(result.best_val_loss)}); export: {result.export_dir}"
     )
 
 

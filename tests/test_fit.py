@@ -129,8 +129,8 @@ def test_overfitting_run_stops_early_and_restores_best(corpus, tmp_path):
     assert summary["split"] == "summary" and summary["best_step"] == best_step
 
     # A workdir is a checkpoint for generation too: its best parameters, without the export.
-    from_workdir, tokenizer_dir = checkpoint.load_best(tmp_path, dtype="float32")
-    assert tokenizer_dir == str(corpus[2])
+    from_workdir, record = checkpoint.read_best(tmp_path, dtype="float32")
+    assert record["config"]["data"]["tokenizer"] == str(corpus[2])
     np.testing.assert_array_equal(
         our_logits(from_workdir, tokens), our_logits(result.model, tokens)
     )

@@ -5,6 +5,7 @@ import functools
 import json
 import os
 import pathlib
+import shutil
 import subprocess
 import sys
 
@@ -301,3 +302,27 @@ def test_generate_on_a_workdir_without_checkpoints_is_one_line(tmp_path):
         "at its first evaluation (eval.every_steps) or when stopped by SIGTERM/Ctrl-C"
     ]
     assert sorted(p.name for p in tmp_path.rglob("*")) == ["checkpoints", "metrics.jsonl"]
+
+
+def test_generate_on_a_workdir_whose_base_moved_is_one_line(trained_workdir, tmp_path):
+    """The checkpoints hold every weight but not the architecture, which a run from
+    model.hf_path reads from the base's config.json: with the base gone, generate says so
+    once (exit 2) instead of calling every checkpoint damaged. The run's records are pointed
+    at a base that is not there (the fixture trains a preset to stay small)."""
+    workdir = tmp_path / "run"
+    shutil.copytree(trained_workdir[0], workdir)
+    gone = tmp_path / "moved-base"
+    for meta in (workdir / "checkpoints").glob("*/meta/metadata"):
+        record = json.loads(meta.read_text())
+        record["config"]["model"]["hf_path"] = str(gone)
+        meta.write_text(json.dumps(record))
+    root = pathlib.Path(sftjax.__file__).resolve().parents[1]
+    env = {**os.environ, "PYTHONPATH": str(root), "JAX_PLATFORMS": "cpu"}
+    command = [sys.executable, "-m", "sftjax.generate", f"--checkpoint={workdir}", "--prompt=hi"]
+    done = subprocess.run(command, capture_output=True, text=True, env=env, cwd=root, timeout=120)
+    assert done.returncode == 2, done.stderr[-3000:]
+    assert done.stderr.splitlines() == [
+        f"error: reading {workdir} needs the architecture in model.hf_path={gone}/config.json "
+        f"(the checkpoints hold weights only): {gone}: no such directory; put the base model "
+        "back there"
+    ]

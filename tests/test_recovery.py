@@ -264,3 +264,37 @@ def test_damaged_checkpoint_on_object_storage_is_set_aside_and_every_rerun_resum
     assert not (directory / "2").exists()
     (aside,) = list((directory.parent / "damaged_checkpoints").iterdir())
     assert aside.name.startswith("2-") and (aside / "state").exists()
+
+
+@pytest.mark.slow
+def test_only_a_never_evaluated_checkpoint_left_exports_with_its_loss_not_available(
+    corpus, finished, tmp_path
+):
+    """Every evaluated checkpoint damaged or gone, only a stop signal's save (no validation
+    loss) left: it is exported and the summary says the loss is not available, no crash."""
+    workdir = tmp_path / "run"
+    shutil.copytree(finished, workdir)
+    for step in (4, 8):
+        shutil.rmtree(workdir / "checkpoints" / str(step))
+    truncate(largest_array_file(workdir / "checkpoints" / "12"))
+    shutil.rmtree(workdir / "checkpoints" / "16" / "metrics")  # as a SIGTERM save holds none
+    done = subprocess.run(
+        _command(corpus, workdir),
+        env=device_env(8),
+        cwd=ROOT,
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
+    assert done.returncode == 0, done.stderr[-3000:]
+    assert "Traceback" not in done.stderr and "Logging error" not in done.stderr
+    assert "best validation loss n/a (never evaluated) at step 16" in done.stderr
+    assert done.stdout.splitlines()[-1] == (
+        "completed at step 16; best step 16 (validation loss n/a (never evaluated)); export: None"
+    )
+    summary = metrics.read_records(workdir / "metrics.jsonl")[-1]
+    assert (summary["split"], summary["best_step"], summary["best_val_loss"]) == (
+        "summary",
+        16,
+        None,
+    )

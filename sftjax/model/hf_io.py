@@ -335,7 +335,7 @@ def load_pretrained(
     stats = stats if stats is not None else LoadStats()
     loaded: dict = {}
     for full_path, array in read_tensors(directory, cfg, targets, shardings, mesh, stats=stats):
-        _set(loaded, full_path, array)
+        tree_set(loaded, full_path, array)
     log.info(
         "read %.1f MiB of %.1f MiB of weights on process %d",
         stats.bytes_read / 2**20,
@@ -392,7 +392,8 @@ def tree_get(tree: dict, path: tuple):
     return tree
 
 
-def _set(tree: dict, path: tuple, value) -> None:
+def tree_set(tree: dict, path: tuple, value) -> None:
+    """tree[path[0]]...[path[-1]] = value, creating the dicts on the way."""
     for key in path[:-1]:
         tree = tree.setdefault(key, {})
     tree[path[-1]] = value

@@ -91,8 +91,5 @@ def _merge_stored(cfg, params: dict, dtype: str, base_path, state, mesh) -> dict
         parent = hf_io.tree_get(params, path[:-1])
         adapter = parent.get("lora", {}).get(path[-1]) if isinstance(parent, dict) else None
         merge = jax.jit(merged, out_shardings=weight.sharding)
-        node = out
-        for key in path[:-1]:
-            node = node.setdefault(key, {})
-        node[path[-1]] = merge(weight, None, adapter)
+        hf_io.tree_set(out, path, merge(weight, None, adapter))
     return out
