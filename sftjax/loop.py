@@ -113,10 +113,11 @@ def _fit(config, workdir: paths.Path, signals: interrupts.Interrupts) -> FitResu
     )
     try:
         state, frozen, early, start_step = _start(run, ckpt)
+        # still "now" mode: a signal while it opens (tensorboardX imports) stops here too
+        writer = metrics.MetricsWriter(run.workdir, resume_step=start_step)
     except interrupts.StopRun:
         ckpt.close()
         raise
-    writer = metrics.MetricsWriter(run.workdir, resume_step=start_step)
     try:
         with signals.at_steps():
             stop_reason, step, state = _train(
