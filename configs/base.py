@@ -21,8 +21,9 @@ def get_config() -> ml_collections.ConfigDict:
     # Rotary scaling in Hugging Face's dict spelling, e.g. dict(rope_type="llama3", factor=8.0,
     # low_freq_factor=1.0, high_freq_factor=4.0, original_max_position_embeddings=8192); kinds:
     # linear, llama3, yarn. None: the preset's (plain RoPE) or, with hf_path, the checkpoint's
-    # own config.json (a different value there is refused, not applied)
-    c.model.rope_scaling = None
+    # own config.json (a different value there is refused, not applied). A placeholder of any
+    # type, so the command line can set it: --config.model.rope_scaling="{'rope_type': ...}"
+    c.model.rope_scaling = ml_collections.config_dict.placeholder(object)
     # LoRA only: dtype of the frozen base weights; "int8" stores the projections as int8 codes
     # with per-channel scales (QLoRA-style, about half of bf16's memory)
     c.model.base_dtype = "bfloat16"

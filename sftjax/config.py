@@ -155,20 +155,36 @@ def model_config(model: ml_collections.ConfigDict) -> llama.LlamaConfig:
             lora_dropout=lora["dropout"],
             base_dtype=model.base_dtype,
         )
-    scaling = model.get("rope_scaling")  # records of runs from before families lack it
-    scaling = None if scaling is None else dict(scaling)
+    scaling = _rope_scaling(model.get("rope_scaling"))  # runs from before families lack it
     if model.hf_path:
         cfg = hf_io.read_config(model.hf_path, **numerics)
         if scaling is not None and scaling != cfg.rope_dict:
             raise ValueError(
                 f"model.rope_scaling={scaling} but {model.hf_path}/config.json has "
                 f"{cfg.rope_dict}: the checkpoint's own rope is what it was trained with; "
-                "set model.rope_scaling=None to use it"
+                "leave model.rope_scaling at its default None (--config.model.rope_scaling=None) "
+                "to use it"
             )
         return cfg
     vocab = {"vocab_size": model.vocab_size} if model.vocab_size else {}
     rope = {} if scaling is None else {"rope_scaling": scaling}
     return llama.preset(model.preset, **numerics, **vocab, **rope)
+
+
+def _rope_scaling(value) -> dict | None:
+    """model.rope_scaling as a dict or None. On the command line it is a Python dict literal
+    (ml_collections reads a value it cannot parse as a literal as a string: refused here)."""
+    if value is None:
+        return None
+    if isinstance(value, ml_collections.ConfigDict):
+        value = value.to_dict()
+    if not isinstance(value, dict):
+        raise ValueError(
+            f"model.rope_scaling={value!r} is not a dict; give Hugging Face's rope_scaling as a "
+            "Python dict literal (True/False, not true/false), e.g. "
+            "--config.model.rope_scaling=\"{'rope_type': 'linear', 'factor': 2.0}\", or None"
+        )
+    return dict(value)
 
 
 def _data_file_errors(key: str, spec: str) -> list[str]:

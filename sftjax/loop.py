@@ -121,10 +121,11 @@ def _fit(config, workdir: paths.Path, signals: interrupts.Interrupts) -> FitResu
     )
     try:
         state, frozen, early, start_step = _start(run, ckpt)
+        # still "now" mode: a signal while it opens (tensorboardX imports) stops here too
+        writer = metrics.MetricsWriter(run.workdir, resume_step=start_step)
     except interrupts.StopRun:
         ckpt.close()
         raise
-    writer = metrics.MetricsWriter(run.workdir, resume_step=start_step)
     try:
         with signals.at_steps():
             stop_reason, step, state = _train(
@@ -442,40 +443,51 @@ def _finish(
 def _export(run: _Run, best_model: llama.Llama) -> paths.Path:
     """hf_export/ (merged under LoRA) and, under LoRA, the PEFT adapter beside it.
 
-    The merged model goes first: it is the large one, so a full disk stops the export before
-    either directory is replaced. A failed write is CheckpointError (exit 4): the checkpoints
-    and the previous export stay as they were, and a rerun exports again without training.
+    Both are written to staging directories first and put in place only when both are
+    complete, so the two stay a pair. A failed write is CheckpointError (exit 4): the
+    checkpoints and the previous export stay as they were, and a rerun exports again without
+    training.
     """
     config = run.config
+    written = False
     try:
-        export_dir = hf_export.save_pretrained(
-            # from the base as stored in model.hf_path, not its base_dtype copy
-            merge.merge_lora(best_model, config.checkpoint.export_dtype, config.model.hf_path),
-            run.workdir / "hf_export",
-            tokenizer_dir=config.data.tokenizer,
-            # chat_template.jinja, BOS rule and sftjax_format.json of the training format
-            **chat_templates.export_settings(run.template, run.tok),
-            dtype=config.checkpoint.export_dtype,
-            bos_token_id=run.tok.bos_id or run.tok.eos_id,
-            eos_token_id=run.tok.eos_id,
-            base_dir=config.model.hf_path or None,  # its eos ids and generation settings
-            overwrite=True,
-        )
-        if run.cfg.lora_rank:  # the adapters alone, for PEFT, beside the merged model
-            hf_export.save_adapter(
-                best_model,
-                run.workdir / "peft_adapter",
-                base_model_name_or_path=str(paths.resolve(config.model.hf_path))
-                if config.model.hf_path
-                else "",
+        with hf_export.published_together() as pending:
+            export_dir = hf_export.save_pretrained(
+                # from the base as stored in model.hf_path, not its base_dtype copy
+                merge.merge_lora(best_model, config.checkpoint.export_dtype, config.model.hf_path),
+                run.workdir / "hf_export",
+                tokenizer_dir=config.data.tokenizer,
+                # chat_template.jinja, BOS rule and sftjax_format.json of the training format
+                **chat_templates.export_settings(run.template, run.tok),
+                dtype=config.checkpoint.export_dtype,
+                bos_token_id=run.tok.bos_id or run.tok.eos_id,
+                eos_token_id=run.tok.eos_id,
+                base_dir=config.model.hf_path or None,  # its eos ids and generation settings
                 overwrite=True,
+                pending=pending,
             )
+            if run.cfg.lora_rank:  # the adapters alone, for PEFT, beside the merged model
+                hf_export.save_adapter(
+                    best_model,
+                    run.workdir / "peft_adapter",
+                    base_model_name_or_path=str(paths.resolve(config.model.hf_path))
+                    if config.model.hf_path
+                    else "",
+                    overwrite=True,
+                    pending=pending,
+                )
+            written = True  # what fails from here on is putting them in place
     except (OSError, SafetensorError) as e:
         reason = f"{type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''}"
+        state = (  # nothing is replaced before every write succeeded
+            "the checkpoints are intact, but putting the finished export in place failed, so "
+            "the previous export may be partly replaced"
+            if written
+            else "the checkpoints and the previous export are intact"
+        )
         raise checkpoint.CheckpointError(
-            f"writing the export under {run.workdir} failed ({reason}); the checkpoints and "
-            "the previous export are intact. Free disk space, then rerun the same command: "
-            "it exports again without training"
+            f"writing the export under {run.workdir} failed ({reason}); {state}. Free disk "
+            "space, then rerun the same command: it exports again without training"
         ) from e
     return export_dir
 

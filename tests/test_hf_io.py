@@ -1,6 +1,7 @@
 """HF safetensors in/out: parity with transformers' PyTorch Llama, round trips, bad inputs."""
 
 import json
+import logging
 import pathlib
 
 import jax
@@ -86,9 +87,13 @@ def test_sharded_export_with_index_and_tokenizer(hf_dir, hf_model, tmp_path):
     assert relative_error(hf_logits(reloaded, TOKENS), hf_logits(hf_model, TOKENS)) < 3e-2
 
 
-def test_load_places_params_in_mesh_sharding(hf_dir, hf_model):
+def test_load_places_params_in_mesh_sharding(hf_dir, hf_model, caplog):
     mesh = sharding.make_mesh(data=2, fsdp=2, tensor=2)
-    model = hf_io.load_pretrained(hf_dir, mesh=mesh, dtype="float32", scan_layers=True)
+    hf_io.load_pretrained(hf_dir, mesh=mesh, dtype="float32", scan_layers=True)
+    # A second load (LoRA's export reads the base again) reuses every compiled stacking.
+    with jax.log_compiles(True), caplog.at_level(logging.WARNING):
+        model = hf_io.load_pretrained(hf_dir, mesh=mesh, dtype="float32", scan_layers=True)
+    assert not [r.getMessage() for r in caplog.records if "Compiling" in r.getMessage()]
     gate = model.layers.mlp.gate[...]
     assert gate.sharding.spec == jax.sharding.PartitionSpec(None, "fsdp", "tensor")
     assert gate.addressable_shards[0].data.shape == (2, 32, 48)  # [L, D/fsdp, F/tensor]

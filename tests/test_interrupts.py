@@ -5,7 +5,9 @@ with exit 0, the lock released and a workdir the same command resumes (and expor
 first checkpoint it says there is nothing to save. A second Ctrl-C aborts (exit 130) while the
 main thread is inside XLA, where Python runs no signal handler until the call returns. An
 export that cannot be written (file size limit, as a full disk) exits 4 in one line and leaves
-the previous export and no staging behind; leftovers of an interrupted PEFT export are removed.
+the previous export and no staging behind, also when the PEFT adapter fails after the merged
+model was written (the two are put in place together or not at all); leftovers of an
+interrupted PEFT export are removed.
 
 To hit a phase exactly, the command runs through PAUSING: it wraps one function of the real
 run so that, when called, it prints "paused" and waits for a line on stdin before going on. In
@@ -111,15 +113,18 @@ class Run:
 
 @pytest.fixture(scope="module")
 def lora_run(tmp_path_factory):
-    """The command of a 4-step LoRA run on a tiny random base, exporting both ways."""
+    """The command of a 4-step LoRA run on a tiny random base, exporting both ways.
+
+    Rank 64 makes the fp32 adapter (0.48 MB) larger than the bf16 merged model (0.21 MB).
+    """
     directory = tmp_path_factory.mktemp("lora")
     train_file, val_file, tok_dir, vocab = demo_corpus(directory, n_train=120, n_val=20)
     make_hf_llama(directory / "base", vocab_size=vocab, max_position_embeddings=128)
     values = short_run(train_file, val_file, tok_dir, **{
-        "model.hf_path": directory / "base", "model.lora.rank": 4,
+        "model.hf_path": directory / "base", "model.lora.rank": 64,
         "model.base_dtype": "float32", "model.param_dtype": "float32",
         "model.remat": "none", "model.attention": "xla",
-        "train.num_steps": 4, "checkpoint.export_hf": True, "checkpoint.export_dtype": "float32",
+        "train.num_steps": 4, "checkpoint.export_hf": True, "checkpoint.export_dtype": "bfloat16",
     })  # fmt: skip
     return lambda workdir: main_command(workdir, values)
 
@@ -150,9 +155,9 @@ def test_signals_outside_the_loop_exit_0_and_a_failed_export_exits_4(lora_run, t
     assert _workdir_files(workdir) == ["checkpoints", "metrics.jsonl", "tensorboard"]
 
     # The rerun trains nothing and exports, but the disk "fills up": no file may grow past
-    # 200 kB (the merged model is 0.4 MB; Python ignores SIGXFSZ, so the write fails with EFBIG
-    # as it would with ENOSPC). An interrupted PEFT export left its pieces, and an earlier
-    # export is in place.
+    # 300 kB (Python ignores SIGXFSZ, so the write fails with EFBIG as it would with ENOSPC).
+    # The merged model (0.21 MB) is written, then the adapter (0.48 MB) fails: neither may
+    # replace the earlier export. An interrupted PEFT export left its pieces too.
     for leftover in (".peft_adapter.tmp-1", ".peft_adapter.old-2", "peft_adapter", "hf_export"):
         (workdir / leftover).mkdir()
         (workdir / leftover / "config.json").write_text(leftover)
@@ -163,13 +168,14 @@ def test_signals_outside_the_loop_exit_0_and_a_failed_export_exits_4(lora_run, t
         capture_output=True,
         text=True,
         preexec_fn=lambda: resource.setrlimit(
-            resource.RLIMIT_FSIZE, (200_000, resource.RLIM_INFINITY)
+            resource.RLIMIT_FSIZE, (300_000, resource.RLIM_INFINITY)
         ),
     )
     assert done.returncode == 4, done.stderr[-3000:]
     errors = [line for line in done.stderr.splitlines() if line.startswith("error:")]
     assert len(errors) == 1 and "writing the export under" in errors[0], done.stderr[-3000:]
     assert "File too large" in errors[0] and "rerun the same command" in errors[0]
+    assert "the checkpoints and the previous export are intact" in errors[0]
     assert done.stderr.rstrip().endswith(errors[0])  # nothing after it (asyncio echoes)
     assert "Traceback" not in done.stderr
     assert "resumed from step 4" in done.stderr  # it went straight to the export

@@ -177,3 +177,36 @@ def test_main_refuses_a_nan_learning_rate_in_one_line(files, tmp_path):
     errors = [line for line in done.stderr.splitlines() if "error" in line]
     assert errors == ["error: invalid config: config.optim.lr=nan: must be a finite number > 0"]
     assert "data:" not in done.stderr  # before the data was read
+
+
+@pytest.mark.parametrize(
+    "value",
+    [
+        8.0,  # from a config file
+        # the command line's JSON `false` is no Python literal: ml_collections keeps the text
+        '{"rope_type": "yarn", "factor": 4.0, "truncate": false}',
+    ],
+)
+def test_rope_scaling_that_is_not_a_dict_is_one_line(files, value):
+    with pytest.raises(config_lib.InvalidConfig) as refused:
+        config_lib.validate(config_with({**files, "model.rope_scaling": value}), num_devices=8)
+    assert str(refused.value).startswith(
+        f"invalid config: config.model: model.rope_scaling={value!r} is not a dict; give "
+    )
+    assert "\n" not in str(refused.value)
+
+
+def test_main_sets_rope_scaling_from_the_command_line(files, tmp_path):
+    """As docs/families.md spells it; the missing template stops the run after the model's
+    checks (which read model.rope_scaling), before any data is read."""
+    valid = [f"--config.{key}={value}" for key, value in files.items()]
+    done = _main(
+        tmp_path / "run",
+        *valid,
+        "--config.model.rope_scaling={'rope_type': 'linear', 'factor': 2.0}",
+        f"--config.data.chat_template={tmp_path / 'none.jinja'}",
+    )
+    assert done.returncode == 2, done.stderr[-3000:]
+    errors = [line for line in done.stderr.splitlines() if "error" in line]
+    assert len(errors) == 1 and "config.data.chat_template=" in errors[0], done.stderr[-3000:]
+    assert "Traceback" not in done.stderr and not (tmp_path / "run" / "checkpoints").exists()

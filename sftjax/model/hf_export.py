@@ -5,8 +5,9 @@ family it came from (hf_io.config_to_hf): safetensors shards (one tensor gathere
 config.json, generation_config.json (the base's, its end-of-sequence ids kept), the tokenizer
 files with the training format's chat template and BOS rule, and `sftjax_format.json`. A local
 export is written into a temporary sibling directory renamed into place at the end; a gs://
-export is uploaded beside its final name before replacing it. `recover_export` repairs what a
-kill midway left behind. The key table and layout transforms live in hf_io.py.
+export is uploaded beside its final name before replacing it; `published_together` puts a
+merged model and its adapter in place only once both are written. `recover_export` repairs
+what a kill midway left behind. The key table and layout transforms live in hf_io.py.
 """
 
 import contextlib
@@ -63,6 +64,7 @@ def save_pretrained(
     base_dir: str | os.PathLike | None = None,
     max_shard_bytes: int = MAX_SHARD_BYTES,
     overwrite: bool = False,
+    pending: list | None = None,
 ) -> pathlib.Path:
     """Write a directory `transformers.AutoModelForCausalLM.from_pretrained` loads, atomically.
 
@@ -72,6 +74,7 @@ def save_pretrained(
     export_tokenizer: `chat_template`, `add_bos`); `training_format` is written as JSON.
     `base_dir`: the HF model fine-tuned; its end-of-sequence ids and generation settings are
     kept (Llama-3.1 stops on three ids), with `eos_token_id` (the tokenizer's) added.
+    `pending`: from published_together, which puts `path` in place with the others.
     """
     cfg: llama.LlamaConfig = model.cfg
     if cfg.lora_rank:
@@ -79,7 +82,7 @@ def save_pretrained(
             "save_pretrained writes a plain Llama: pass model/merge.py merge_lora(model)"
         )
     dtype = dtype or cfg.param_dtype
-    with _staged(path, overwrite) as staging:
+    with _staged(path, overwrite, pending) as staging:
         eos = eos_token_ids(base_dir, eos_token_id)
         generation = {
             **_base_generation(base_dir),
@@ -97,31 +100,61 @@ def save_pretrained(
 
 
 @contextlib.contextmanager
-def _staged(path, overwrite: bool):
+def published_together():
+    """Yield a list to pass as `pending=` to save_pretrained and save_adapter: inside the block
+    they only write their staging directories, and only at its normal exit are all put in
+    place, in the order written. If any write fails, none of the targets is replaced (a merged
+    model and its adapter stay a pair). The staging directories are removed either way."""
+    pending: list[tuple[pathlib.Path, epath.Path]] = []
+    try:
+        yield pending
+        for staging, final in pending:
+            _publish(staging, final)
+    finally:
+        for staging, final in pending:
+            _discard(staging, final)
+
+
+@contextlib.contextmanager
+def _staged(path, overwrite: bool, pending: list | None = None):
     """Yield a local directory to fill (None on processes other than 0); at a normal exit it
-    replaces `path` whole (renamed locally, uploaded to object storage), never half-written.
-    The staging directory is removed either way."""
+    replaces `path` whole (renamed locally, uploaded to object storage), never half-written,
+    or, given `pending` (see published_together), is queued there to be put in place later.
+    Otherwise the staging directory is removed either way."""
     final = paths.resolve(path)
     if final.exists() and not overwrite:
         raise FileExistsError(f"{final} exists; pass overwrite=True to replace it")
     if jax.process_index() != 0:
         yield None
         return
-    remote = paths.is_remote(final)
-    if remote:  # written locally, then uploaded (object storage has no atomic rename)
+    if paths.is_remote(final):  # written locally, then uploaded (no atomic rename there)
         staging = pathlib.Path(tempfile.mkdtemp(prefix="sftjax-export-")) / final.name
     else:
         staging = pathlib.Path(final).with_name(f".{final.name}.tmp-{os.getpid()}")
     shutil.rmtree(staging, ignore_errors=True)
+    queued = False
     try:
         staging.mkdir(parents=True)
         yield staging
-        if remote:
-            _upload_dir(staging, final)
+        if pending is None:
+            _publish(staging, final)
         else:
-            _replace_dir(staging, pathlib.Path(final))
+            pending.append((staging, final))
+            queued = True
     finally:  # also when a write failed (a full disk): the space goes back, `path` is as it was
-        shutil.rmtree(staging.parent if remote else staging, ignore_errors=True)
+        if not queued:
+            _discard(staging, final)
+
+
+def _publish(staging: pathlib.Path, final: epath.Path) -> None:
+    if paths.is_remote(final):
+        _upload_dir(staging, final)
+    else:
+        _replace_dir(staging, pathlib.Path(final))
+
+
+def _discard(staging: pathlib.Path, final: epath.Path) -> None:
+    shutil.rmtree(staging.parent if paths.is_remote(final) else staging, ignore_errors=True)
 
 
 def _read_json(directory, name: str) -> dict:
@@ -194,6 +227,7 @@ def save_adapter(
     base_model_name_or_path: str = "",
     dtype: str = "float32",
     overwrite: bool = False,
+    pending: list | None = None,
 ) -> pathlib.Path:
     """A PEFT LoRA adapter directory: adapter_config.json + adapter_model.safetensors.
 
@@ -201,7 +235,8 @@ def save_adapter(
     it for every family (Llama, Mistral, Qwen2 and Qwen3 name their projections alike).
     PEFT's lora_A.weight is [r, in] and lora_B.weight is [out, r] with HF's flattening of heads
     (q_proj's out = heads × head_dim, o_proj's in likewise), so A [*in, r] -> reshape(-1, r).T
-    and B [r, *out] -> reshape(r, -1).T. Replaced atomically like save_pretrained.
+    and B [r, *out] -> reshape(r, -1).T. Replaced atomically like save_pretrained (`pending`
+    likewise).
     """
     cfg: llama.LlamaConfig = model.cfg
     if not cfg.lora_rank:
@@ -242,7 +277,7 @@ def save_adapter(
         "inference_mode": True,
         "modules_to_save": None,
     }
-    with _staged(path, overwrite) as staging:
+    with _staged(path, overwrite, pending) as staging:
         if staging is None:
             return paths.resolve(path)
         safetensors.numpy.save_file(

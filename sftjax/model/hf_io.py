@@ -399,6 +399,17 @@ def tree_set(tree: dict, path: tuple, value) -> None:
     tree[path[-1]] = value
 
 
+@functools.cache
+def _stacker(out_sharding: jax.sharding.Sharding):
+    """jit(stack) into `out_sharding`, one per sharding: weights of the same sharding, shape
+    and dtype (q and o, gate and up) share a compile, and a second load compiles nothing."""
+    return jax.jit(_stack, out_shardings=out_sharding)
+
+
+def _stack(*layers: jax.Array) -> jax.Array:
+    return jnp.stack(layers)
+
+
 def read_tensors(
     directory: epath.Path,
     cfg: llama.LlamaConfig,
@@ -462,8 +473,7 @@ def read_tensors(
                 stacked_pieces.setdefault(full_path, []).append(piece)
                 if len(stacked_pieces[full_path]) == cfg.num_layers:
                     pieces = stacked_pieces.pop(full_path)
-                    stack = jax.jit(lambda *xs: jnp.stack(xs), out_shardings=target_sharding)
-                    yield full_path, stack(*pieces)
+                    yield full_path, _stacker(target_sharding)(*pieces)
             else:
                 yield full_path, piece
     finally:
