@@ -67,8 +67,9 @@ def tiny_trainer(mesh, *, microbatches: int = 1, seed: int = 0, total_steps: int
     return state, step_fn, eval_fn, batch_sharding
 
 
-def base_config():
-    spec = importlib.util.spec_from_file_location("base_config", ROOT / "configs/base.py")
+def base_config(name: str = "base"):
+    """configs/<name>.py's get_config() (configs/ is not a package: loaded by path)."""
+    spec = importlib.util.spec_from_file_location(f"{name}_config", ROOT / f"configs/{name}.py")
     module = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(module)
     return module.get_config()
