@@ -274,13 +274,23 @@ def quiet_background_failures() -> None:
     def closed_loop(value) -> bool:
         return isinstance(value, RuntimeError) and str(value) == "Event loop is closed"
 
+    def orbax_coroutine(obj) -> bool:
+        """A read of a damaged checkpoint fails in one of Orbax's gathered coroutines; the
+        others, failing alike, are collected unawaited and echo the same error with a
+        traceback ("Exception ignored in: <coroutine ...>"). The first one was raised and
+        reported (the step is set aside or named), so the echoes are dropped."""
+        code = getattr(obj, "cr_code", None)
+        return code is not None and "orbax" in code.co_filename
+
     # tensorstore reports through both hooks (PyErr_Print and PyErr_WriteUnraisable).
     previous_excepthook, previous_unraisablehook = sys.excepthook, sys.unraisablehook
     sys.excepthook = lambda kind, value, tb: (
         None if closed_loop(value) else previous_excepthook(kind, value, tb)
     )
     sys.unraisablehook = lambda unraisable: (
-        None if closed_loop(unraisable.exc_value) else previous_unraisablehook(unraisable)
+        None
+        if closed_loop(unraisable.exc_value) or orbax_coroutine(unraisable.object)
+        else previous_unraisablehook(unraisable)
     )
 
 

@@ -365,9 +365,10 @@ def _recorded_template(settings: dict) -> str:
 
 def main(argv: Sequence[str]) -> None:
     del argv
-    from sftjax import cli
+    from sftjax import checkpoint, cli
 
     cli.setup_logging()  # no libtpu noise on a CPU host; JAX's INFO lines only with --verbose
+    checkpoint.quiet_background_failures()  # a damaged checkpoint is one warning, as in training
     if (FLAGS.prompt is None) == (FLAGS.input is None):
         raise app.UsageError("give exactly one of --prompt or --input")
     if FLAGS.input is not None and FLAGS.output is None:
