@@ -260,9 +260,8 @@ def test_llama3_header_template_marks_eos_and_ignores_header_text_in_messages(
     assert example.ids[-1] == eot and example.trainable[-1] == 1
 
 
-def test_training_refuses_a_rewriting_template_in_one_line(tmp_path):
-    paths = write_formats(tmp_path, CONVERSATIONS[:2])
-    (tmp_path / "counts.jinja").write_text(COUNTS_TURNS)
+def _cli_error_line(tmp_path, train_file, template_file, *overrides: str) -> str:
+    """Train through `python -m sftjax.main` with a user chat template; its one error line."""
     root = pathlib.Path(__file__).resolve().parents[1]
     command = [
         sys.executable,
@@ -270,10 +269,11 @@ def test_training_refuses_a_rewriting_template_in_one_line(tmp_path):
         "sftjax.main",
         "--config=configs/base.py",
         f"--workdir={tmp_path / 'run'}",
-        f"--config.data.train_files={paths['messages']}",
+        f"--config.data.train_files={train_file}",
+        *overrides,
         f"--config.data.tokenizer={shared_path('llama2_tokenizer')}",
         "--config.data.template=tokenizer",
-        f"--config.data.chat_template={tmp_path / 'counts.jinja'}",
+        f"--config.data.chat_template={template_file}",
         "--config.data.seq_len=256",
     ]
     env = {"PYTHONPATH": str(root), "PATH": "/usr/bin:/bin", "JAX_PLATFORMS": "cpu"}
@@ -281,6 +281,13 @@ def test_training_refuses_a_rewriting_template_in_one_line(tmp_path):
     assert done.returncode == 2, done.stderr[-2000:]
     assert "Traceback" not in done.stderr
     (line,) = [x for x in done.stderr.splitlines() if x.startswith("error:")]
+    return line
+
+
+def test_training_refuses_a_rewriting_template_in_one_line(tmp_path):
+    paths = write_formats(tmp_path, CONVERSATIONS[:2])
+    (tmp_path / "counts.jinja").write_text(COUNTS_TURNS)
+    line = _cli_error_line(tmp_path, paths["messages"], tmp_path / "counts.jinja")
     assert re.match(f"error: {paths['messages']}:[12]: the chat template's render of", line)
 
 
@@ -324,24 +331,11 @@ def test_a_template_that_never_ends_is_stopped_in_one_line_through_the_cli(tmp_p
     (tmp_path / "loops.jinja").write_text(
         "{%- for i in range(100000) %}{%- for j in range(100000) %}{%- endfor %}{%- endfor %}"
     )
-    root = pathlib.Path(__file__).resolve().parents[1]
-    command = [
-        sys.executable,
-        "-m",
-        "sftjax.main",
-        "--config=configs/base.py",
-        f"--workdir={tmp_path / 'run'}",
-        f"--config.data.train_files={paths['messages']}",
+    line = _cli_error_line(
+        tmp_path,
+        paths["messages"],
+        tmp_path / "loops.jinja",
         f"--config.data.validation_files={paths['messages']}",
-        f"--config.data.tokenizer={shared_path('llama2_tokenizer')}",
-        "--config.data.template=tokenizer",
-        f"--config.data.chat_template={tmp_path / 'loops.jinja'}",
-        "--config.data.seq_len=256",
-    ]
-    env = {"PYTHONPATH": str(root), "PATH": "/usr/bin:/bin", "JAX_PLATFORMS": "cpu"}
-    done = subprocess.run(command, cwd=root, env=env, capture_output=True, text=True, timeout=120)
-    assert done.returncode == 2, done.stderr[-2000:]
-    assert "Traceback" not in done.stderr
-    (line,) = [x for x in done.stderr.splitlines() if x.startswith("error:")]
+    )
     assert line.startswith(f"error: {paths['messages']}:1: the chat template ({tmp_path}")
     assert "ran longer than 2 s on this row and was stopped" in line
