@@ -145,3 +145,60 @@ def test_largest_clusters_name_their_rows():
     grouping = groups.group_rows(rows)
     assert groups.largest_clusters(rows, grouping) == [["f:0", "f:1", "f:2", "g:1"]]
     assert np.unique(grouping.group_of_row).size == 2
+
+
+def _with_inputs(name: str, instruction: str, count: int) -> list[records.Row]:
+    """Rows asking one instruction with distinct 25-word inputs (no two are near-duplicates)."""
+    rng = random.Random(name)
+    words = [f"{name}{i}" for i in range(200)]
+    return [
+        records.Row(f"{name}:{i}", instruction, " ".join(rng.sample(words, 25)), f"answer {i}")
+        for i in range(count)
+    ]
+
+
+def test_an_instruction_alone_joins_its_rows_with_inputs_on_one_side():
+    """An input-less "Summarise this text." links every row that asks it with an input into one
+    group, on one side for every seed and fraction and any row order; rows that share only an
+    instruction (a template with distinct inputs) stay separate groups; a chat row whose whole
+    prompt is the instruction links like an input-less row."""
+    filler, _ = _rows()
+    n = len(filler)
+    linked = _with_inputs("s", "Summarise this text.", 6)
+    linked.append(records.Row("s:alone", "summarise THIS text!", "", "Which text?"))
+    template = _with_inputs("t", "Translate to French.", 6)
+    rows = filler + linked + template
+    grouping = groups.group_rows(rows)
+    group = grouping.group_of_row
+    assert len(set(group[n : n + 7])) == 1
+    assert len(set(group[n + 7 :])) == 6 and not set(group[n + 7 :]) & set(group[: n + 7])
+    sides = set()
+    for seed in range(6):
+        for fraction in (0.05, 0.2, 0.5):
+            held, _ = groups.split(rows, fraction, seed, grouping)
+            assert len(set(held[n : n + 7])) == 1
+            sides.add(bool(held[n]))
+    assert sides == {True, False}  # the family was held out under some seeds, kept under others
+    assert _held_sources(rows, 0.5) == _held_sources(rows[::-1], 0.5)
+    chat = records.Row("c:1", messages=(("user", "Translate to French"), ("assistant", "Sure.")))
+    assert np.unique(groups.group_rows([*template, chat]).group_of_row).size == 1
+
+
+def test_leak_when_one_side_asks_the_instruction_without_input():
+    train = [
+        records.Row("t:1", "Summarise this text.", "The meeting moved to Friday.", "Friday."),
+        records.Row("t:2", "List three fruits", "", "Apple, pear, plum."),
+        records.Row("t:3", "Translate to French.", "Good morning", "Bonjour"),
+    ]
+    validation = [
+        records.Row("v:1", "summarise this text", "", "Which text?"),
+        records.Row("v:2", "List three fruits!", "For a salad.", "Apple, melon, grape."),
+        records.Row("v:3", "Translate to French.", "Good night", "Bonne nuit"),  # not a leak
+        records.Row("v:4", "List three fruits.", "", "Fig, kiwi, lime."),
+    ]
+    leaks, _ = groups.find_leaks(train, validation)
+    assert [str(leak) for leak in leaks] == [
+        "v:1: same instruction (one without input) as t:1",
+        "v:2: same instruction (one without input) as t:2",
+        "v:4: same prompt as t:2",
+    ]

@@ -8,6 +8,13 @@ near-duplicate algorithm (dedup.py), encoding (pipeline.py).
 
 Why groups: a split by row puts the same instruction with another response, or the same task
 in other words, on both sides, and the validation loss then rewards memorising training rows.
+The same holds for an instruction asked alone and with an input ("Summarise this." and
+"Summarise this." + a text): a row with an input also joins the group of the prompt that is
+its instruction alone (`Grouping.instruction_prompt_of_row`). Two rows with one instruction
+and two different inputs are not joined by that alone: template-heavy sets reuse one
+instruction for thousands of distinct inputs, and joining them would put whole task families
+on one side of the split. They share a group only through a row that asks the instruction
+alone, or when their prompts are near-duplicates.
 """
 
 import dataclasses
@@ -15,6 +22,8 @@ import hashlib
 from collections.abc import Sequence
 
 import numpy as np
+from scipy.sparse import coo_matrix
+from scipy.sparse.csgraph import connected_components
 
 from sftjax.data import dedup, records
 
@@ -38,10 +47,13 @@ def response_text(row: records.Row) -> str:
 
 @dataclasses.dataclass(frozen=True)
 class Grouping:
-    """Rows → distinct normalised prompts → near-duplicate sets → groups (components)."""
+    """Rows → distinct normalised prompts → near-duplicate sets and instruction links → groups."""
 
     prompts: list[str]  # distinct normalised prompts, sorted
     prompt_of_row: np.ndarray  # [num_rows] index into prompts
+    # [num_rows] index into prompts of a row's instruction alone, for rows with an input whose
+    # normalised instruction is some row's whole prompt; -1 otherwise (and for chat rows)
+    instruction_prompt_of_row: np.ndarray
     near: dedup.NearDuplicates  # over prompts
     group_of_prompt: np.ndarray  # [num_prompts] component id
 
@@ -51,18 +63,40 @@ class Grouping:
         return self.group_of_prompt[self.prompt_of_row]
 
 
+def _instruction_keys(rows: Sequence[records.Row], keys: Sequence[str]) -> list[str]:
+    """Normalised instruction of each row with an input; "" for chat rows and rows without one.
+
+    A row has no input when its input normalises to nothing: then its prompt key already is its
+    instruction alone. Only rows with a non-blank input pay for a second normalisation.
+    """
+    out = []
+    for row, key in zip(rows, keys, strict=True):
+        alone = "" if row.messages or not row.input.strip() else dedup.normalize(row.instruction)
+        out.append("" if alone == key else alone)
+    return out
+
+
+def _join(labels: np.ndarray, a: np.ndarray, b: np.ndarray) -> np.ndarray:
+    """Component id per node after also joining labels[a] with labels[b] (renumbered 0..)."""
+    n = int(labels.max(initial=-1)) + 1
+    graph = coo_matrix((np.ones(len(a)), (labels[a], labels[b])), shape=(n, n))
+    return connected_components(graph, directed=False)[1][labels].astype(np.int64)
+
+
 def group_rows(rows: Sequence[records.Row]) -> Grouping:
-    """Group rows by normalised prompt and near-duplicate cluster (independent of row order)."""
+    """Group rows by normalised prompt, near-duplicate cluster and instruction alone (a row with
+    an input joins the prompt equal to its instruction); independent of row order."""
     keys = [dedup.normalize(prompt_text(r)) for r in rows]
     prompts = sorted(set(keys))
     index = {p: i for i, p in enumerate(prompts)}
+    alone = np.array([index.get(k, -1) if k else -1 for k in _instruction_keys(rows, keys)])
+    prompt_of_row = np.array([index[k] for k in keys], np.int64)
     near = dedup.near_duplicates(prompts)
-    return Grouping(
-        prompts,
-        np.array([index[k] for k in keys], np.int64),
-        near,
-        near.text_components(),
-    )
+    linked = np.flatnonzero(alone >= 0)
+    group_of_prompt = near.text_components()
+    if len(linked):
+        group_of_prompt = _join(group_of_prompt, prompt_of_row[linked], alone[linked])
+    return Grouping(prompts, prompt_of_row, alone, near, group_of_prompt)
 
 
 @dataclasses.dataclass
@@ -135,37 +169,44 @@ def split(
 
 @dataclasses.dataclass(frozen=True)
 class Leak:
-    """A validation row whose prompt equals (kind "exact") or nearly equals a training prompt."""
+    """A validation row whose prompt equals (kind "exact") or nearly equals ("near") a training
+    prompt, or whose instruction alone is a training prompt or the reverse ("instruction")."""
 
     validation: str  # file:line
     train: str  # file:line of one matching training row
-    kind: str  # "exact" or "near"
-    jaccard: float  # 1.0 for exact
+    kind: str  # "exact", "instruction" or "near"
+    jaccard: float  # 1.0 unless near
 
     def __str__(self) -> str:
-        how = (
-            f"near-duplicate (J={self.jaccard:.2f}) of" if self.kind == "near" else "same prompt as"
-        )
+        how = {"exact": "same prompt as", "instruction": "same instruction (one without input) as"}
+        how = how.get(self.kind, f"near-duplicate (J={self.jaccard:.2f}) of")
         return f"{self.validation}: {how} {self.train}"
 
 
 def find_leaks(
     train_rows: Sequence[records.Row], validation_rows: Sequence[records.Row]
 ) -> tuple[list[Leak], Grouping]:
-    """Every validation row with an exact or near-duplicate prompt among the training rows.
+    """Every validation row with an exact or near-duplicate prompt among the training rows, or
+    with the same instruction as a training row where one of the two has no input (the rule
+    group_rows applies: a validation row whose instruction alone is a training row's whole
+    prompt, or whose whole prompt is a training row's instruction alone).
 
-    Only direct matches count (a chain of near-duplicates through other validation rows does
-    not). Also returns the grouping of all rows (training first), for the data report.
+    Only direct matches count (a chain through other validation rows does not). Also returns
+    the grouping of all rows (training first), for the data report.
     """
     everything = [*train_rows, *validation_rows]
     grouping = group_rows(everything)
     n_train = len(train_rows)
     prompt = grouping.prompt_of_row
+    alone = grouping.instruction_prompt_of_row
     set_of = grouping.near.set_of
     first_train_of_prompt: dict[int, int] = {}
+    first_train_asking: dict[int, int] = {}  # prompt → first training row with it as instruction
     first_train_of_set: dict[int, int] = {}
     for r in range(n_train):
         first_train_of_prompt.setdefault(int(prompt[r]), r)
+        if alone[r] >= 0:
+            first_train_asking.setdefault(int(alone[r]), r)
         if set_of[prompt[r]] >= 0:
             first_train_of_set.setdefault(int(set_of[prompt[r]]), r)
     partners: dict[int, list[tuple[float, int]]] = {}
@@ -178,6 +219,10 @@ def find_leaks(
         if int(prompt[r]) in first_train_of_prompt:
             train = everything[first_train_of_prompt[int(prompt[r])]].source
             leaks.append(Leak(source, train, "exact", 1.0))
+            continue
+        train = first_train_of_prompt.get(int(alone[r]), first_train_asking.get(int(prompt[r])))
+        if train is not None:
+            leaks.append(Leak(source, everything[train].source, "instruction", 1.0))
             continue
         own = int(set_of[prompt[r]])
         matches = [(1.0, own)] if own in first_train_of_set else []
@@ -194,9 +239,9 @@ class LeakageError(records.DataError):
     def __init__(self, leaks: Sequence[Leak], num_validation: int):
         quoted = "\n".join(f"  {leak}" for leak in leaks[:MAX_QUOTED])
         super().__init__(
-            f"{len(leaks)} of {num_validation} validation rows have their prompt (exactly or "
-            f"nearly) in the training rows; remove them or set data.leakage='drop' or 'warn'\n"
-            + quoted
+            f"{len(leaks)} of {num_validation} validation rows have their prompt (exactly, "
+            f"nearly, or their instruction with or without input) in the training rows; remove "
+            f"them or set data.leakage='drop' or 'warn'\n" + quoted
         )
 
 
