@@ -89,7 +89,8 @@ def group_rows(rows: Sequence[records.Row]) -> Grouping:
     keys = [dedup.normalize(prompt_text(r)) for r in rows]
     prompts = sorted(set(keys))
     index = {p: i for i, p in enumerate(prompts)}
-    alone = np.array([index.get(k, -1) if k else -1 for k in _instruction_keys(rows, keys)])
+    instructions = _instruction_keys(rows, keys)
+    alone = np.array([index.get(k, -1) if k else -1 for k in instructions], np.int64)
     prompt_of_row = np.array([index[k] for k in keys], np.int64)
     near = dedup.near_duplicates(prompts)
     linked = np.flatnonzero(alone >= 0)
@@ -239,9 +240,9 @@ class LeakageError(records.DataError):
     def __init__(self, leaks: Sequence[Leak], num_validation: int):
         quoted = "\n".join(f"  {leak}" for leak in leaks[:MAX_QUOTED])
         super().__init__(
-            f"{len(leaks)} of {num_validation} validation rows have their prompt (exactly, "
-            f"nearly, or their instruction with or without input) in the training rows; remove "
-            f"them or set data.leakage='drop' or 'warn'\n" + quoted
+            f"{len(leaks)} of {num_validation} validation rows have their prompt in the training "
+            f"rows (exactly, nearly, or as one instruction with and without input); remove them "
+            f"or set data.leakage='drop' or 'warn'\n" + quoted
         )
 
 
