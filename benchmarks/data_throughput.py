@@ -12,7 +12,7 @@ import pathlib
 import time
 
 from configs import base
-from sftjax.data import pipeline, records, templates, tokenize
+from sftjax.data import batches, flat, pipeline, records, templates, tokenize
 
 SHARED = pathlib.Path(__file__).resolve().parents[2] / "shared/data"
 NEEDED_PER_HOST = 25_000  # tokens/s of a 7B train step on 8 chips
@@ -21,8 +21,8 @@ NEEDED_PER_HOST = 25_000  # tokens/s of a 7B train step on 8 chips
 def _drain(examples, *, pack: bool, args) -> tuple[float, int, int]:
     """(seconds, real tokens, all tokens) to plan and draw every batch of `args.epochs` epochs."""
     start = time.perf_counter()
-    it = pipeline.train_batches(
-        examples,
+    it = batches.train_batches(
+        flat.from_examples(examples),
         batch_size=args.batch_size,
         seq_len=args.seq_len,
         seed=0,

@@ -112,5 +112,13 @@ def get_config() -> ml_collections.ConfigDict:
     c.data.packing_bins = 16  # open rows of the first-fit packer (more: fuller rows, slower plan)
     c.data.shuffle_seed = 0  # seed of the per-epoch shuffle and the validation split
     c.data.num_epochs = 3  # passes over the training rows
+    # Several sources mixed by weight, used instead of train_files: on the command line
+    # "alpaca/*.jsonl:3,chats.jsonl:1", or here a tuple of dict(files=..., weight=...,
+    # format=..., unit=..., name=...). Validation: each source's data.validation_fraction.
+    c.data.mixture = ml_collections.config_dict.placeholder(object)
+    c.data.mixture_unit = "tokens"  # what a weight measures by default: "tokens" or "rows"
+    # A directory written by `python -m sftjax.data.prepare`; "" = prepare into WORKDIR/data
+    # on the first start and reuse it on every restart.
+    c.data.prepared = ""
 
     return c

@@ -14,7 +14,7 @@ from collections.abc import Sequence
 import ml_collections
 
 from sftjax import paths, sharding
-from sftjax.data import records
+from sftjax.data import mixture, records
 from sftjax.model import attention, hf_io, llama
 
 CHOICES = {
@@ -29,6 +29,7 @@ CHOICES = {
     "data.bad_rows": ("fail", "skip"),
     "data.leakage": ("warn", "drop", "fail"),
     "data.overlong": ("drop", "truncate_prompt", "truncate_history"),
+    "data.mixture_unit": mixture.UNITS,
     "checkpoint.export_dtype": ("float32", "bfloat16", "float16"),  # what safetensors and HF load
 }
 
@@ -243,8 +244,21 @@ def validate(config: ml_collections.ConfigDict, num_devices: int, num_processes:
 def _file_errors(config: ml_collections.ConfigDict) -> list[str]:
     """Data files, tokenizer and chat template that are not there."""
     errors = []
-    for key in ("data.train_files", "data.validation_files"):
-        errors += _data_file_errors(key, str(_get(config, key)))
+    data = config.data
+    try:
+        mix = mixture.parse(data.get("mixture"), data.format, data.mixture_unit)
+    except mixture.MixtureError as e:
+        mix, errors = [], [str(e)]
+    for source in mix:
+        errors += _data_file_errors(f"data.mixture ({source.name})", source.files)
+    if mix and str(data.train_files).strip():
+        errors.append(
+            "config.data.mixture and config.data.train_files are both set: the mixture's "
+            "sources replace train_files; leave train_files empty"
+        )
+    if not (mix or data.prepared):  # a prepared dataset may train without its files
+        errors += _data_file_errors("data.train_files", str(data.train_files))
+    errors += _data_file_errors("data.validation_files", str(data.validation_files))
     if not config.data.validation_files and not config.data.validation_fraction:
         errors.append(
             "config.data.validation_fraction=0 and no data.validation_files: nothing to "

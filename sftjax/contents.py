@@ -13,7 +13,7 @@ import io
 from typing import BinaryIO
 
 from sftjax import paths
-from sftjax.data import records
+from sftjax.data import mixture, records
 
 # Bytes hashed per span: spans at the start, middle and end of a file (a safetensors file: of
 # its data, after the header, which is hashed whole). Telling two versions of a file apart
@@ -55,7 +55,10 @@ def _named(file: paths.Path) -> dict:
     return {"name": file.name, **file_identity(file)}
 
 
-def run_inputs(data: dict, template) -> dict[str, list[dict]]:
+DATA_KEYS = ("data.train_files", "data.validation_files", "data.mixture")  # the rows' files
+
+
+def run_inputs(data: dict, template, *, data_files: bool = True) -> dict[str, list[dict]]:
     """{config key: [{name, bytes, sampled_sha256}, ...]} for the files of config.data.
 
     template (pipeline.make_template): with a data.chat_template file, the text it renders is
@@ -64,10 +67,17 @@ def run_inputs(data: dict, template) -> dict[str, list[dict]]:
     Data files keep the order their globs resolve to (rows are read, deduplicated and shuffled
     in that order; for validation files the first decides data.format="auto"); the tokenizer's
     files are sorted by name (their order means nothing). Names are kept only to say what
-    changed: two lists are the same when their contents are, in the same order.
+    changed: two lists are the same when their contents are, in the same order. A data.mixture
+    is one list: each source's files in mixture order. data_files=False: the tokenizer and
+    template only (training from prepared arrays whose rows are not at hand).
     """
-    inputs = {"data.train_files": _data_files(data["train_files"])}
-    if data["validation_files"]:
+    inputs = {}
+    mix = mixture.parse(data.get("mixture"), data["format"], data.get("mixture_unit", "tokens"))
+    if data_files and mix:
+        inputs["data.mixture"] = _data_files([source.files for source in mix])
+    elif data_files:
+        inputs["data.train_files"] = _data_files(data["train_files"])
+    if data_files and data["validation_files"]:
         inputs["data.validation_files"] = _data_files(data["validation_files"])
     tokenizer = paths.resolve(data["tokenizer"])
     inputs["data.tokenizer"] = [

@@ -25,7 +25,6 @@ from safetensors import SafetensorError
 from sftjax import (
     base_model,
     checkpoint,
-    contents,
     generate,
     interrupts,
     metrics,
@@ -35,7 +34,7 @@ from sftjax import (
     train,
 )
 from sftjax import config as config_lib
-from sftjax.data import chat_templates, pipeline, tokenize
+from sftjax.data import batches, chat_templates, pipeline, prepare, tokenize
 from sftjax.model import hf_export, llama, merge
 
 log = logging.getLogger("sftjax")
@@ -67,7 +66,8 @@ class _Run:
     tok: tokenize.SegmentTokenizer
     template: object  # the training template (pipeline.make_template): prompts, eval, export
     data_iter: object  # grain iterator of this process's training batches
-    val_batches: list
+    # (source name, this process's batches) per mixture source; one ("", batches) without one
+    val_sets: list[tuple[str, list]]
     total_steps: int
     graphdef: nnx.GraphDef
     abstract_state: train.TrainState
@@ -157,16 +157,18 @@ def _prepare(config: ml_collections.ConfigDict, workdir: paths.Path) -> _Run:
 
     tok = tokenize.load_tokenizer(config.data.tokenizer)
     template = pipeline.make_template(config.data, tok)
-    train_examples, val_examples, report = pipeline.load_splits(config.data, tok, template)
-    largest_id = max(max(e.tokens.max(), e.targets.max()) for e in train_examples + val_examples)
+    data, inputs = prepare.ensure(
+        config.data, workdir, tok, template, process_index=jax.process_index()
+    )
+    largest_id = data.manifest["max_token_id"]
     if largest_id >= cfg.vocab_size:  # an id past the table would embed as NaN, not fail
         raise config_lib.ConfigError(
             f"the data uses token id {largest_id} (the tokenizer at {config.data.tokenizer} has "
             f"{len(tok.hf)} tokens) but the model's vocab_size is {cfg.vocab_size}; use the "
             f"model's own tokenizer or, for a random init, set config.model.vocab_size"
         )
-    log.info("data:\n%s", report.summary())
-    if not val_examples:
+    log.info("data (%s):\n%s", data.directory, data.manifest["report"])
+    if not len(data.validation):
         raise config_lib.ConfigError(
             "no validation examples: give data.validation_files or raise data.validation_fraction"
         )
@@ -174,22 +176,20 @@ def _prepare(config: ml_collections.ConfigDict, workdir: paths.Path) -> _Run:
         seq_len=config.data.seq_len,
         process_index=jax.process_index(),
         process_count=jax.process_count(),
-        pack=config.data.pack,
         num_bins=config.data.packing_bins,
     )
-    train_kwargs = dict(
-        batch_size=config.train.batch_size,
-        seed=config.data.shuffle_seed,
-        num_epochs=config.data.num_epochs,
-        **data_kwargs,
-    )
-    steps_in_data = len(pipeline.train_dataset(train_examples, **train_kwargs))
+    train_plan = batches.train_plan(
+        data.train, seq_len=config.data.seq_len, seed=config.data.shuffle_seed,
+        num_epochs=config.data.num_epochs, pack=config.data.pack,
+        num_bins=config.data.packing_bins, mix=data.sources,
+    )  # fmt: skip
+    train_data = batches.train_dataset(
+        data.train, batch_size=config.train.batch_size, seed=config.data.shuffle_seed,
+        num_epochs=config.data.num_epochs, pack=config.data.pack, plan=train_plan, **data_kwargs,
+    )  # fmt: skip
+    steps_in_data = len(train_data)
     total_steps = min(steps_in_data, config.train.num_steps or steps_in_data)
-    val_batches = pipeline.validation_batches(
-        val_examples,
-        batch_size=config.eval.batch_size,
-        **{**data_kwargs, "pack": config.data.pack_validation},
-    )
+    val_sets = _validation_sets(config, data, data_kwargs)
 
     tx, schedule = train.make_optimizer(config.optim, total_steps)
     graphdef, abstract_state, abstract_frozen = train.abstract_train_state(cfg, mesh, rules, tx)
@@ -208,19 +208,35 @@ def _prepare(config: ml_collections.ConfigDict, workdir: paths.Path) -> _Run:
         cfg=cfg,
         tok=tok,
         template=template,
-        data_iter=pipeline.train_batches(train_examples, **train_kwargs),
-        val_batches=list(val_batches),
+        data_iter=batches.iterate(train_data),
+        val_sets=val_sets,
         total_steps=total_steps,
         graphdef=graphdef,
         abstract_state=abstract_state,
         abstract_frozen=abstract_frozen,
         base_identity=base_model.identity(config),
-        inputs=contents.run_inputs(config.data, template),
+        inputs=inputs,
         tx=tx,
         step_fn=step_fn,
         eval_fn=eval_fn,
         batch_sharding=batch_sharding,
     )
+
+
+def _validation_sets(config, data: prepare.Prepared, data_kwargs: dict) -> list[tuple[str, list]]:
+    """This process's validation batches: all of them, or per mixture source (those with
+    held-out examples; the others are named in the log)."""
+    kwargs = dict(batch_size=config.eval.batch_size, pack=config.data.pack_validation)
+    if not data.sources:
+        return [("", list(batches.validation_batches(data.validation, **kwargs, **data_kwargs)))]
+    sets = []
+    for s, name in enumerate(data.source_names):
+        if not (data.validation.sources == s).any():
+            log.warning("source %s has no validation examples: no validation loss of its own", name)
+            continue
+        found = batches.validation_batches(data.validation, source=s, **kwargs, **data_kwargs)
+        sets.append((name, list(found)))
+    return sets
 
 
 def _start(run: _Run, ckpt: checkpoint.Checkpointer):
@@ -258,6 +274,27 @@ def _start(run: _Run, ckpt: checkpoint.Checkpointer):
     early = train.EarlyStopping(**saved)
     log.info("resumed from step %d (%s)", step, ckpt.directory)
     return state, frozen, early, step
+
+
+def _evaluate(run: _Run, params, frozen) -> dict:
+    """Validation loss over every held-out token; with a mixture also per source ("loss/NAME").
+
+    The total, which early stopping follows, weighs every validation token alike: sources count
+    by their held-out tokens, not by their mixture weights.
+    """
+    if len(run.val_sets) == 1 and not run.val_sets[0][0]:
+        return train.evaluate(run.eval_fn, params, run.val_sets[0][1], run.batch_sharding, frozen)
+    per_source = {
+        name: train.evaluate(run.eval_fn, params, found, run.batch_sharding, frozen)
+        for name, found in run.val_sets
+    }
+    tokens = sum(r["loss_tokens"] for r in per_source.values())
+    total = sum(r["loss"] * r["loss_tokens"] for r in per_source.values()) / tokens
+    result = {"loss": total, "loss_tokens": tokens}
+    result["batches"] = sum(r["batches"] for r in per_source.values())
+    for name, r in per_source.items():
+        result[f"loss/{name}"] = r["loss"]
+    return result
 
 
 def _log_lora(cfg: llama.LlamaConfig, abstract_state, abstract_frozen) -> None:
@@ -335,9 +372,7 @@ def _train(run: _Run, ckpt, writer, state, frozen, early, start_step: int, signa
         progress.set_postfix(loss=f"{values['loss']:.4f}", tok_s=f"{tokens_per_s:,.0f}")
 
     def evaluate(step: int) -> float:
-        result = train.evaluate(
-            run.eval_fn, state.params, run.val_batches, run.batch_sharding, frozen
-        )
+        result = _evaluate(run, state.params, frozen)
         val_loss = result["loss"]
         if not math.isfinite(val_loss):
             raise TrainingDiverged(f"validation loss is {val_loss} at step {step}")

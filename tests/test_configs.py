@@ -31,7 +31,8 @@ from train_fixtures import ROOT, base_config, random_examples, tiny_trainer
 
 from sftjax import config as config_lib
 from sftjax import sharding, train
-from sftjax.data import pipeline
+from sftjax.data import batches
+from sftjax.data.flat import from_examples
 from sftjax.model import llama
 
 # ml_collections' config_flags loads config files with the deprecated importlib load_module().
@@ -340,8 +341,8 @@ def test_8b_train_state_is_fsdp_sharded_with_expected_bytes_per_device(name):
 def one_train_step(devices, process_index: int, process_count: int) -> dict:
     """One real step of a tiny Llama on a mesh over `devices`, fed this process's rows only."""
     mesh = sharding.make_mesh(devices=devices)
-    dataset = pipeline.train_dataset(
-        random_examples(64, vocab=64),
+    dataset = batches.train_dataset(
+        from_examples(random_examples(64, vocab=64)),
         batch_size=8,
         seq_len=64,
         seed=0,

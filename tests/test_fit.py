@@ -23,7 +23,7 @@ from train_fixtures import (
 
 from sftjax import checkpoint, loop, metrics, sharding, train
 from sftjax import config as config_lib
-from sftjax.data import pipeline, records, tokenize
+from sftjax.data import batches, flat, pipeline, records, tokenize
 from sftjax.model import hf_io
 
 
@@ -98,8 +98,12 @@ def test_overfitting_run_stops_early_and_restores_best(corpus, tmp_path):
     # The restored parameters are the best step's: re-evaluating them gives its loss.
     tok = tokenize.load_tokenizer(str(corpus[2]))
     _, val_examples, _ = pipeline.load_splits(config.data, tok)
-    val = pipeline.validation_batches(
-        val_examples, batch_size=8, seq_len=128, process_index=0, process_count=1
+    val = batches.validation_batches(
+        flat.from_examples(val_examples),
+        batch_size=8,
+        seq_len=128,
+        process_index=0,
+        process_count=1,
     )
     graphdef, params = nnx.split(result.model)
     mesh = sharding.make_mesh()

@@ -1,4 +1,4 @@
-"""pipeline.py: packing == unpacked, exact resume, disjoint process shards, full validation."""
+"""pipeline.py + batches.py: packing == unpacked, exact resume, disjoint shards, full validation."""
 
 import collections
 import json
@@ -8,7 +8,7 @@ import pytest
 from conftest import shared_path
 
 from configs import base
-from sftjax.data import pipeline, records, tokenize
+from sftjax.data import batches, flat, pipeline, records, tokenize
 from sftjax.data.tokenize import Encoded, Example
 
 
@@ -25,12 +25,12 @@ def _examples(n: int, seed: int = 0, max_len: int = 60) -> list[Example]:
     return out
 
 
-def _segments(batch: pipeline.Batch):
+def _segments(batch: batches.Batch):
     """(example id, tokens, targets, loss_mask, positions) for every packed segment."""
     for r in range(batch["tokens"].shape[0]):
         seg = batch["segment_ids"][r]
         assert (batch["loss_mask"][r][seg == 0] == 0).all()
-        assert all((batch[k][r][seg == 0] == 0).all() for k in pipeline.KEYS)
+        assert all((batch[k][r][seg == 0] == 0).all() for k in batches.KEYS)
         ids = [s for s in np.unique(seg) if s]
         assert ids == list(range(1, len(ids) + 1))  # 1, 2, … in each row
         for s in ids:
@@ -43,7 +43,7 @@ def _segments(batch: pipeline.Batch):
 
 def _train(examples, **kw):
     args = dict(batch_size=4, seq_len=128, seed=3, num_epochs=2, process_index=0, process_count=1)
-    return pipeline.train_dataset(examples, **{**args, **kw})
+    return batches.train_dataset(flat.from_examples(examples), **{**args, **kw})
 
 
 @pytest.mark.parametrize("pack", [True, False])
@@ -52,7 +52,7 @@ def test_batches_equal_the_examples_each_once_per_epoch(pack):
     dataset = _train(examples, pack=pack)
     seen = collections.Counter()
     for batch in dataset:
-        assert set(batch) == set(pipeline.KEYS)
+        assert set(batch) == set(batches.KEYS)
         assert all(v.shape == (4, 128) and v.dtype == np.int32 for v in batch.values())
         for i, tokens, targets, loss_mask, positions in _segments(batch):
             e = examples[i]
@@ -81,15 +81,15 @@ def test_shuffle_is_seeded_and_differs_per_epoch():
 def test_resume_from_saved_state_gives_the_same_batches():
     examples = _examples(300)
     kw = dict(batch_size=4, seq_len=128, seed=0, num_epochs=2, process_index=0, process_count=1)
-    it = pipeline.train_batches(examples, **kw)
+    it = batches.train_batches(flat.from_examples(examples), **kw)
     for _ in range(3):
         next(it)
     state = json.loads(json.dumps(it.get_state()))  # as a checkpoint stores it
     after = [next(it) for _ in range(5)]
-    resumed = pipeline.train_batches(examples, **kw)
+    resumed = batches.train_batches(flat.from_examples(examples), **kw)
     resumed.set_state(state)
     for a, b in zip(after, [next(resumed) for _ in range(5)], strict=True):
-        for k in pipeline.KEYS:
+        for k in batches.KEYS:
             np.testing.assert_array_equal(a[k], b[k])
 
 
@@ -99,7 +99,7 @@ def test_two_processes_get_disjoint_shards_that_cover_the_global_batch():
     shards = [_train(examples, batch_size=8, process_index=p, process_count=2) for p in (0, 1)]
     assert len(shards[0]) == len(shards[1]) == len(whole)
     for b in range(len(whole)):
-        for k in pipeline.KEYS:
+        for k in batches.KEYS:
             joined = np.concatenate([shards[0][b][k], shards[1][b][k]])
             np.testing.assert_array_equal(joined, whole[b][k])
     ids = [[i for b in s for i, *_ in _segments(b)] for s in shards]
@@ -110,7 +110,10 @@ def test_two_processes_get_disjoint_shards_that_cover_the_global_batch():
 def test_validation_covers_every_example_once_on_every_process(pack):
     examples = _examples(37)
     kw = dict(batch_size=6, seq_len=128, process_count=2, pack=pack)
-    shards = [pipeline.validation_batches(examples, process_index=p, **kw) for p in (0, 1)]
+    shards = [
+        batches.validation_batches(flat.from_examples(examples), process_index=p, **kw)
+        for p in (0, 1)
+    ]
     assert len(shards[0]) == len(shards[1]) >= 1
     ids = [i for s in shards for b in s for i, *_ in _segments(b)]
     assert sorted(ids) == list(range(37))
@@ -140,9 +143,15 @@ def test_alpaca_packing_efficiency_at_2048(tok):
     assert report.train_records.bad_by_reason == {"empty field": 2}
     assert report.train_records.duplicates == 14
     assert len(train) + len(validation) == 3000 and len(validation) == 150  # 5 %, whole groups
-    efficiency, per_row = pipeline.packing_stats(train, seq_len=2048)
-    one_epoch = pipeline.train_dataset(
-        train, batch_size=8, seq_len=2048, seed=0, num_epochs=1, process_index=0, process_count=1
+    efficiency, per_row = batches.packing_stats(flat.from_examples(train), seq_len=2048)
+    one_epoch = batches.train_dataset(
+        flat.from_examples(train),
+        batch_size=8,
+        seq_len=2048,
+        seed=0,
+        num_epochs=1,
+        process_index=0,
+        process_count=1,
     )
     real = sum(int((b["segment_ids"] > 0).sum()) for b in one_epoch)
     batched = real / (len(one_epoch) * 8 * 2048)
@@ -167,12 +176,18 @@ def test_fail_stops_before_any_batch_and_skip_trains_on_the_rest(tmp_path, tok):
     config.bad_rows = "skip"
     train, validation, report = pipeline.load_splits(config, tok)
     assert (len(train), len(validation), report.train_records.bad_rows) == (40, 0, 2)
-    batches = list(
-        pipeline.train_batches(
-            train, batch_size=2, seq_len=64, seed=0, num_epochs=1, process_index=0, process_count=1
+    drawn = list(
+        batches.train_batches(
+            flat.from_examples(train),
+            batch_size=2,
+            seq_len=64,
+            seed=0,
+            num_epochs=1,
+            process_index=0,
+            process_count=1,
         )
     )
-    assert sum(len(list(_segments_any(b))) for b in batches) == 40
+    assert sum(len(list(_segments_any(b))) for b in drawn) == 40
 
 
 def _segments_any(batch):

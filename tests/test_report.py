@@ -80,7 +80,10 @@ def test_report_names_leaks_and_groups_and_fails_like_training(tmp_path):
     result = _report(str(t), *flags, "--config.data.seq_len=64")
     assert result.returncode == 2 and "leakage='fail' and 2 leaking" in result.stderr
     out = result.stdout
-    assert "leakage: 2 of 3 validation rows have an exact or near-duplicate prompt" in out
+    assert (
+        "leakage: 2 of 3 validation rows have an exact, same-instruction or near-duplicate prompt"
+        in out
+    )
     assert f"  {v}:1: same prompt as {t}:1" in out
     # one word inserted: 14 of 15 words and 12 of 15 word pairs shared, Jaccard 26 / 30
     assert f"  {v}:2: near-duplicate (J=0.87) of {t}:1" in out

@@ -9,7 +9,8 @@ from flax import nnx
 from train_fixtures import packed_batches, random_examples, tiny_trainer
 
 from sftjax import sharding, train
-from sftjax.data import pipeline
+from sftjax.data import batches as batching
+from sftjax.data import flat
 from sftjax.model import llama
 
 STEPS = 5
@@ -80,8 +81,8 @@ def test_validation_loss_independent_of_eval_batch_size_and_packing():
     with jax.set_mesh(mesh):
         for batch_size in (1, 3, 8):
             for pack in (True, False):
-                val = pipeline.validation_batches(
-                    examples,
+                val = batching.validation_batches(
+                    flat.from_examples(examples),
                     batch_size=batch_size,
                     seq_len=64,
                     process_index=0,

@@ -10,7 +10,7 @@ import numpy as np
 from flax import nnx
 
 from sftjax import demo_data, sharding, train
-from sftjax.data import pipeline
+from sftjax.data import batches, flat
 from sftjax.data.tokenize import Example
 from sftjax.model import llama
 
@@ -32,8 +32,8 @@ def random_examples(n: int, vocab: int, seed: int = 0) -> list[Example]:
 
 
 def packed_batches(examples, *, batch_size: int, seq_len: int, steps: int) -> list[dict]:
-    dataset = pipeline.train_dataset(
-        examples,
+    dataset = batches.train_dataset(
+        flat.from_examples(examples),
         batch_size=batch_size,
         seq_len=seq_len,
         seed=0,

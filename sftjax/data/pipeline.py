@@ -1,58 +1,32 @@
-"""The data pipeline the trainer calls: files → examples → packed, per-process numpy batches.
+"""Files → validated, split, encoded examples: the work that preparation (prepare.py) does once.
 
 Owns: applying the train/validation split and the leakage policy (groups.py decides them),
-encoding rows once (template, `train_on`, the length policy with its counts; `truncate_history`
-re-renders a conversation without its earliest turns), the seeded per-epoch shuffle, first-fit
-packing, global batching, this process's slice, and the Grain dataset/iterator whose
-`get_state()`/`set_state()` the trainer checkpoints.
-Does not own: jax arrays (the trainer calls `jax.make_array_from_process_local_data`), the loss.
+encoding rows (template, `train_on`, the length policy with its counts; `truncate_history`
+re-renders a conversation without its earliest turns) and the data report of all that.
+Does not own: storing examples (flat.py, prepare.py), batching (batches.py), jax arrays.
 
-Usage (the trainer):
+Usage (prepare.py, data.report, tests):
     tok = tokenize.load_tokenizer(config.data.tokenizer)
     template = pipeline.make_template(config.data, tok)   # read data.chat_template once
     train, validation, report = pipeline.load_splits(config.data, tok, template)  # DataError
-    it = pipeline.train_batches(train, batch_size=B, seq_len=config.data.seq_len,
-        seed=config.data.shuffle_seed, num_epochs=config.data.num_epochs, pack=config.data.pack,
-        num_bins=config.data.packing_bins,
-        process_index=jax.process_index(), process_count=jax.process_count())
-    for batch in it: ...   # {tokens, targets, loss_mask, segment_ids, positions}: [B/P, L] int32
-    for batch in pipeline.validation_batches(validation, batch_size=B, seq_len=…,
-        pack=config.data.pack_validation, process_index=…, process_count=…): ...  # every eval
-`len(pipeline.train_dataset(...))` is the run's number of steps, known before training.
 
-Batch vocabulary, all int32 [batch_per_process, seq_len]: `tokens`, `targets` (shifted per
-example, so a target never crosses into the next example), `loss_mask` (0/1 int32),
-`segment_ids` (1, 2, … per row; 0 = padding) and `positions` (restart at 0 per example).
-Padding is zero in every array.
-
-Departure from a Grain packer (grain.experimental.FirstFitPackIterDataset): rows are planned
-from example lengths by first-fit over open rows, once per epoch, for the *global* batch, and
-each process materialises only its rows. So every process has the same number of batches
-(collectives never hang at an epoch end), the global batch does not depend on the process
-count, the number of steps is known up front, and the Grain iterator state is one index, which
-resumes exactly. Encoding runs once, eagerly, before Grain (one batched Rust call): the report,
-the split and the over-long counts are then exact before training starts.
+Encoding runs eagerly, in batched Rust calls: the report, the split and the over-long counts
+are exact before training starts.
 """
 
 import dataclasses
 import logging
-import math
 import time
 from collections.abc import Callable, Sequence
 
-import grain
 import ml_collections
-import numpy as np
 
 from sftjax import paths
-from sftjax.data import chat_templates, groups, records, tokenize
+from sftjax.data import chat_templates, groups, mixture, records, tokenize
 from sftjax.data.templates import Segment
 from sftjax.data.tokenize import Encoded, Example
 
 log = logging.getLogger("sftjax")
-
-KEYS = ("tokens", "targets", "loss_mask", "segment_ids", "positions")
-Batch = dict[str, np.ndarray]  # KEYS → int32 [batch_per_process, seq_len]
 
 
 @dataclasses.dataclass
@@ -61,6 +35,8 @@ class DataReport:
 
     train_records: records.RecordReport
     validation_records: records.RecordReport | None  # None: split from the training rows
+    # data.mixture: each source's own report (train_records then sums them), in mixture order
+    source_records: list[records.RecordReport] = dataclasses.field(default_factory=list)
     split: groups.SplitReport | None = None  # the grouped split (no validation files)
     leaks: list[groups.Leak] = dataclasses.field(default_factory=list)  # with validation files
     leakage: str = "warn"  # the policy applied to leaks
@@ -101,7 +77,7 @@ class DataReport:
             dropped = f", {len(self.leaks)} dropped" if self.leakage == "drop" else ""
             parts.append(
                 f"leakage: {len(self.leaks)} of {self.validation_records.rows_kept} validation "
-                f"rows have an exact or near-duplicate prompt in training (policy "
+                f"rows have an exact, same-instruction or near-duplicate prompt in training (policy "
                 f"{self.leakage!r}{dropped})"
             )
             parts += [f"  {leak}" for leak in self.leaks[: groups.MAX_QUOTED]]
@@ -121,10 +97,12 @@ class DataReport:
         return "\n".join(parts)
 
 
-def _read(files: str, config: ml_collections.ConfigDict) -> tuple[list, records.RecordReport]:
+def _read(
+    files: str, config: ml_collections.ConfigDict, row_format: str | None = None
+) -> tuple[list, records.RecordReport]:
     return records.read_records(
         files,
-        row_format=config.format,
+        row_format=config.format if row_format is None else row_format,
         instruction_field=config.instruction_field,
         input_field=config.input_field,
         response_field=config.response_field,
@@ -231,7 +209,20 @@ def encode_rows(
     config: ml_collections.ConfigDict,
     report: DataReport,
 ) -> list[Example]:
-    """Rows → fitted, shifted examples; the length policy's outcomes are counted in report.
+    """encode_indexed's examples."""
+    return encode_indexed(rows, template, tok, config=config, report=report)[1]
+
+
+def encode_indexed(
+    rows: Sequence[records.Row],
+    template,
+    tok: tokenize.SegmentTokenizer,
+    *,
+    config: ml_collections.ConfigDict,
+    report: DataReport,
+) -> tuple[list[int], list[Example]]:
+    """Rows → (indices of the rows kept, their fitted, shifted examples); the length policy's
+    outcomes are counted in report.
 
     Uses config.seq_len, .overlong and .train_on; `template` comes from make_template. A row
     whose characters alone prove it over-long is never tokenized whole: dropped, its prompt cut
@@ -283,7 +274,8 @@ def encode_rows(
             report.overlong_dropped += 1
         else:
             fitted_by_row[i] = fitted
-    return [tokenize.to_example(fitted_by_row[i]) for i in sorted(fitted_by_row)]
+    kept = sorted(fitted_by_row)
+    return kept, [tokenize.to_example(fitted_by_row[i]) for i in kept]
 
 
 def overlong_rows(
@@ -321,6 +313,11 @@ def overlong_rows(
     return dropped
 
 
+def sources(config: ml_collections.ConfigDict) -> list[mixture.Source]:
+    """data.mixture's sources ([] without one: data.train_files is the only source)."""
+    return mixture.parse(config.get("mixture"), config.format, config.get("mixture_unit", "tokens"))
+
+
 def read_splits(
     config: ml_collections.ConfigDict, dropped: Callable[[records.Row], bool] | None = None
 ) -> tuple[list[records.Row], list[records.Row], DataReport]:
@@ -333,14 +330,25 @@ def read_splits(
         raise ValueError(f"data.leakage {config.leakage!r} is not one of {groups.LEAKAGE_POLICIES}")
     too_long = 0
 
-    def read(files: str) -> tuple[list[records.Row], records.RecordReport]:
+    def read(files: str, row_format=None) -> tuple[list[records.Row], records.RecordReport]:
         nonlocal too_long
-        rows, counts = _read(files, config)
+        rows, counts = _read(files, config, row_format)
         kept = [r for r in rows if dropped is None or not dropped(r)]
         too_long += len(rows) - len(kept)
         return kept, counts
 
-    train_rows, train_report = read(config.train_files)
+    mix = sources(config)
+    if mix and config.validation_files:
+        raise mixture.MixtureError(
+            "data.validation_files does not go with data.mixture: each source's held-out rows "
+            "come from data.validation_fraction; leave data.validation_files empty"
+        )
+    if mix:
+        parts = [read(source.files, source.format) for source in mix]
+        train_rows = [row for rows, _ in parts for row in rows]
+        train_report = records.merge_reports([counts for _, counts in parts])
+    else:
+        train_rows, train_report = read(config.train_files)
     if config.validation_files:
         validation_rows, validation_report = read(config.validation_files)
         start = time.perf_counter()
@@ -357,6 +365,7 @@ def read_splits(
     else:
         start = time.perf_counter()
         report = DataReport(train_report, None)
+        report.source_records = [counts for _, counts in parts] if mix else []
         grouping = groups.group_rows(train_rows)
         held, report.split = groups.split(
             train_rows, config.validation_fraction, config.shuffle_seed, grouping
@@ -382,15 +391,23 @@ def encode_splits(
     train = encode_rows(train_rows, template, tok, config=config, report=report)
     validation = encode_rows(validation_rows, template, tok, config=config, report=report)
     if not train:
-        counts = report.train_records
-        raise records.DataError(
-            f"no training examples left from {config.train_files!r}: {counts.rows_read} rows "
-            f"read, {counts.bad_rows} bad, {counts.duplicates} duplicates, {len(train_rows)} kept "
-            f"for training, {report.overlong_dropped} longer than data.seq_len={config.seq_len} "
-            "dropped; run python -m sftjax.data.report for details"
-        )
+        raise no_examples_error(config, report, len(train_rows))
     report.train_examples, report.validation_examples = len(train), len(validation)
     return train, validation
+
+
+def no_examples_error(
+    config: ml_collections.ConfigDict, report: DataReport, train_rows: int
+) -> records.DataError:
+    """The one-line refusal when every training row was dropped, with the counts of why."""
+    counts = report.train_records
+    where = config.get("mixture") or config.train_files
+    return records.DataError(
+        f"no training examples left from {where!r}: {counts.rows_read} rows "
+        f"read, {counts.bad_rows} bad, {counts.duplicates} duplicates, {train_rows} kept "
+        f"for training, {report.overlong_dropped} longer than data.seq_len={config.seq_len} "
+        "dropped; run python -m sftjax.data.report for details"
+    )
 
 
 def load_splits(
@@ -406,167 +423,3 @@ def load_splits(
     train_rows, validation_rows, report = read_splits(config, overlong_rows(config, tok, template))
     train, validation = encode_splits(config, tok, template, train_rows, validation_rows, report)
     return train, validation, report
-
-
-def plan_rows(lengths: Sequence[int], seq_len: int, num_bins: int) -> list[list[int]]:
-    """First-fit packing over num_bins open rows: indices into lengths, one list per row.
-
-    When no open row has room, the fullest one is closed; remaining rows close at the end.
-    """
-    open_rows: list[list[int]] = []
-    free: list[int] = []
-    rows = []
-    for i, n in enumerate(lengths):
-        if n > seq_len:
-            raise ValueError(f"example {i} has {n} tokens > seq_len {seq_len}; fit lengths first")
-        for b, room in enumerate(free):
-            if n <= room:
-                open_rows[b].append(i)
-                free[b] -= n
-                break
-        else:
-            if len(open_rows) == num_bins:
-                b = free.index(min(free))
-                rows.append(open_rows.pop(b))
-                free.pop(b)
-            open_rows.append([i])
-            free.append(seq_len - n)
-    return rows + open_rows
-
-
-def _epoch_rows(
-    examples: Sequence[Example], order: np.ndarray, seq_len: int, pack: bool, num_bins: int
-) -> list[list[int]]:
-    if not pack:
-        return [[int(i)] for i in order]
-    lengths = [len(examples[i]) for i in order]
-    return [[int(order[j]) for j in row] for row in plan_rows(lengths, seq_len, num_bins)]
-
-
-def make_batch(rows: Sequence[Sequence[int]], examples: Sequence[Example], seq_len: int) -> Batch:
-    """Materialise rows (lists of example indices) into one batch; empty rows are padding."""
-    batch = {k: np.zeros((len(rows), seq_len), np.int32) for k in KEYS}
-    arange = np.arange(seq_len, dtype=np.int32)
-    for r, row in enumerate(rows):
-        start = 0
-        for segment, i in enumerate(row, start=1):
-            example = examples[i]
-            end = start + len(example)
-            batch["tokens"][r, start:end] = example.tokens
-            batch["targets"][r, start:end] = example.targets
-            batch["loss_mask"][r, start:end] = example.loss_mask
-            batch["segment_ids"][r, start:end] = segment
-            batch["positions"][r, start:end] = arange[: end - start]
-            start = end
-    return batch
-
-
-def _process_slices(
-    rows: list[list[int]], batch_size: int, process_index: int, process_count: int
-) -> list[list[list[int]]]:
-    """Global batches of rows (the last padded with empty rows), then this process's share."""
-    if batch_size % process_count or not 0 <= process_index < process_count:
-        raise ValueError(
-            f"batch_size {batch_size} must split evenly over {process_count} processes "
-            f"(process_index {process_index})"
-        )
-    per_process = batch_size // process_count
-    num_batches = math.ceil(len(rows) / batch_size)
-    rows = rows + [[]] * (num_batches * batch_size - len(rows))
-    offset = process_index * per_process
-    return [rows[b * batch_size + offset :][:per_process] for b in range(num_batches)]
-
-
-def _dataset(
-    slices: list[list[list[int]]], examples: Sequence[Example], seq_len: int
-) -> grain.MapDataset:
-    return grain.MapDataset.source(slices).map(lambda rows: make_batch(rows, examples, seq_len))
-
-
-def train_dataset(
-    examples: Sequence[Example],
-    *,
-    batch_size: int,
-    seq_len: int,
-    seed: int,
-    num_epochs: int,
-    process_index: int,
-    process_count: int,
-    pack: bool = True,
-    num_bins: int = 16,
-) -> grain.MapDataset:
-    """All of this process's training batches, random access; len() = steps in the run.
-
-    batch_size is global; each epoch is a fresh seeded shuffle of the examples, packed anew.
-    Epochs follow each other without a gap; only the run's last batch is padded.
-    """
-    if not examples:
-        raise ValueError("no training examples")
-    rows: list[list[int]] = []
-    for epoch in range(num_epochs):
-        order = np.random.default_rng([seed, epoch]).permutation(len(examples))
-        rows += _epoch_rows(examples, order, seq_len, pack, num_bins)
-    return _dataset(
-        _process_slices(rows, batch_size, process_index, process_count), examples, seq_len
-    )
-
-
-def train_batches(
-    examples: Sequence[Example],
-    *,
-    batch_size: int,
-    seq_len: int,
-    seed: int,
-    num_epochs: int,
-    process_index: int,
-    process_count: int,
-    pack: bool = True,
-    num_bins: int = 16,
-    prefetch: int = 8,
-) -> grain.DatasetIterator:
-    """Iterator over train_dataset(...); checkpoint it with get_state/set_state (one index)."""
-    dataset = train_dataset(
-        examples,
-        batch_size=batch_size,
-        seq_len=seq_len,
-        seed=seed,
-        num_epochs=num_epochs,
-        process_index=process_index,
-        process_count=process_count,
-        pack=pack,
-        num_bins=num_bins,
-    )
-    read = grain.ReadOptions(num_threads=2, prefetch_buffer_size=prefetch)
-    return iter(dataset.to_iter_dataset(read))
-
-
-def validation_batches(
-    examples: Sequence[Example],
-    *,
-    batch_size: int,
-    seq_len: int,
-    process_index: int,
-    process_count: int,
-    pack: bool = True,
-    num_bins: int = 16,
-) -> grain.MapDataset:
-    """Every validation example exactly once, in file order; iterate it again for each eval.
-
-    The last batch is padded with empty rows (loss_mask 0), never dropped, and every process
-    gets the same number of batches. Packed or not, Σ(ce·mask)/Σ(mask) is the same.
-    """
-    order = np.arange(len(examples))
-    rows = _epoch_rows(examples, order, seq_len, pack, num_bins)
-    return _dataset(
-        _process_slices(rows, batch_size, process_index, process_count), examples, seq_len
-    )
-
-
-def packing_stats(
-    examples: Sequence[Example], *, seq_len: int, seed: int = 0, num_bins: int = 16
-) -> tuple[float, float]:
-    """(real tokens / all tokens, examples per row) of one packed epoch, before batching."""
-    order = np.random.default_rng([seed, 0]).permutation(len(examples))
-    rows = _epoch_rows(examples, order, seq_len, True, num_bins)
-    real = sum(len(e) for e in examples)
-    return real / (len(rows) * seq_len), len(examples) / len(rows)

@@ -110,6 +110,21 @@ class RecordReport:
         return "\n".join(lines)
 
 
+def merge_reports(reports: Sequence[RecordReport]) -> RecordReport:
+    """One report for several sources read separately (data.mixture): counts summed."""
+    merged = RecordReport(files=[f for r in reports for f in r.files])
+    merged.format = ",".join(dict.fromkeys(r.format for r in reports))
+    for r in reports:
+        merged.rows_read += r.rows_read
+        merged.rows_kept += r.rows_kept
+        merged.duplicates += r.duplicates
+        for reason, n in r.bad_by_reason.items():
+            merged.bad_by_reason[reason] = merged.bad_by_reason.get(reason, 0) + n
+        merged.problems += r.problems[: MAX_PROBLEMS - len(merged.problems)]
+        merged.duplicate_examples += r.duplicate_examples
+    return merged
+
+
 class DataError(ValueError):
     """A data file that cannot be read at all: empty, a directory, a JSON array broken beyond
     repair. Raised whatever bad_rows says: skipping rows cannot fix it."""

@@ -28,7 +28,7 @@ from ml_collections import config_flags
 
 from sftjax import cli
 from sftjax import config as config_lib
-from sftjax.data import pipeline, quality, tokenize
+from sftjax.data import batches, flat, pipeline, quality, tokenize
 
 _CONFIG = config_flags.DEFINE_config_file("config", help_string="config file, e.g. configs/base.py")
 _HISTOGRAM = flags.DEFINE_string(
@@ -86,8 +86,11 @@ def build_report(
     train_rows, validation_rows, report = pipeline.read_splits(counting, dropped)
     train, _ = pipeline.encode_splits(counting, tok, template, train_rows, validation_rows, report)
     rows = [*train_rows, *validation_rows]
-    efficiency, per_row = pipeline.packing_stats(
-        train, seq_len=data.seq_len, seed=data.shuffle_seed, num_bins=data.packing_bins
+    efficiency, per_row = batches.packing_stats(
+        flat.from_examples(train),
+        seq_len=data.seq_len,
+        seed=data.shuffle_seed,
+        num_bins=data.packing_bins,
     )
     over = report.overlong_dropped + report.prompt_truncated + report.history_truncated
     mix = quality.task_mix(rows)
