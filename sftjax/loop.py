@@ -293,7 +293,7 @@ def _evaluate(run: _Run, params, frozen) -> dict:
     result = {"loss": total, "loss_tokens": tokens}
     result["batches"] = sum(r["batches"] for r in per_source.values())
     for name, r in per_source.items():
-        result[f"loss/{name}"] = r["loss"]
+        result[f"loss/{name}"], result[f"loss_tokens/{name}"] = r["loss"], r["loss_tokens"]
     return result
 
 

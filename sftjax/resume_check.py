@@ -61,6 +61,8 @@ ALLOWED = (
     OVERRIDE_KEY,
     "data.bad_rows",  # a run that started had no bad rows, or skipped them either way
     "data.pack_validation",  # same validation loss, other row layout
+    # where the prepared arrays are read from: their sources are compared by content (inputs)
+    "data.prepared",
 )
 
 # Run length: the batches so far stay the same when it grows (each epoch is shuffled and

@@ -245,10 +245,16 @@ def test_killed_and_terminated_run_resumes_to_identical_losses(corpus, tmp_path)
     output = second.communicate(timeout=120)[0].decode()
     assert second.returncode == 0, output
     assert "resumed from step" in output and "preempted" in output
+    assert "reusing the prepared data in" in output  # WORKDIR/data, prepared by the first start
     saved = max(int(p.name) for p in (run / "checkpoints").iterdir() if p.name.isdigit())
     assert saved >= 14
 
-    subprocess.run(_cli(corpus, run, **extra), check=True, env=env, cwd=ROOT, capture_output=True)
+    # The last leg trains from another prepared directory of the same data (the reference's):
+    # a resumed run over data.prepared equals the uninterrupted one.
+    (run / "data").rename(run / "data.moved")  # nothing can be read from WORKDIR/data
+    last = {**extra, "data.prepared": str(reference / "data")}
+    subprocess.run(_cli(corpus, run, **last), check=True, env=env, cwd=ROOT, capture_output=True)
+    assert not (run / "data").exists()
     expected, resumed = train_losses(reference), train_losses(run)
     assert sorted(resumed) == sorted(expected) == list(range(1, 21))
     np.testing.assert_array_equal(

@@ -77,8 +77,8 @@ class DataReport:
             dropped = f", {len(self.leaks)} dropped" if self.leakage == "drop" else ""
             parts.append(
                 f"leakage: {len(self.leaks)} of {self.validation_records.rows_kept} validation "
-                f"rows have an exact, same-instruction or near-duplicate prompt in training (policy "
-                f"{self.leakage!r}{dropped})"
+                "rows have an exact, same-instruction or near-duplicate prompt in training "
+                f"(policy {self.leakage!r}{dropped})"
             )
             parts += [f"  {leak}" for leak in self.leaks[: groups.MAX_QUOTED]]
         parts.append(

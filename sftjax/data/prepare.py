@@ -49,6 +49,9 @@ CHUNK_ROWS = 8192  # rows encoded per batched call: bounds the memory of Python 
 # read them from): changing them reuses a prepared dataset
 NOT_IN_ARRAYS = ("prepared", "pack", "pack_validation", "packing_bins", "num_epochs",
                  "mixture_unit")  # fmt: skip
+# keys naming files: their contents are in the fingerprint (inputs), not where they lie, so a
+# moved file, or a prepared dataset read on another machine, still matches
+PATH_KEYS = ("train_files", "validation_files", "tokenizer", "chat_template")
 WAIT_SECONDS = 2.0  # how often a waiting process looks for process 0's manifest
 
 
@@ -67,8 +70,9 @@ class Prepared:
 
 def array_keys(data: ml_collections.ConfigDict, mix: list[mixture.Source]) -> dict:
     """The data keys the arrays depend on (a mixture by its sources' files, formats, names)."""
-    keys = {k: v for k, v in data.to_dict().items() if k not in NOT_IN_ARRAYS}
-    keys["mixture"] = [{"name": s.name, "files": s.files, "format": s.format} for s in mix]
+    keys = {k: v for k, v in data.to_dict().items() if k not in NOT_IN_ARRAYS + PATH_KEYS}
+    keys["mixture"] = [{"name": s.name, "format": s.format} for s in mix]
+    keys["chat_template"] = bool(data.chat_template)  # its text is an input
     return json.loads(json.dumps(keys, default=str))  # tuples → lists, as read back
 
 
@@ -293,22 +297,22 @@ def _wait_for(directory: paths.Path, expected: str) -> dict:
 
 
 def _check_matches(data, mix, template, manifest: dict) -> dict:
-    """The run's inputs; ConfigError naming what differs if the dataset has other sources."""
-    keys = array_keys(data, mix)
-    prepared_keys = manifest["data"]
-    no_files = not data.train_files and not mix  # train from the prepared arrays alone
-    if no_files:
-        keys = {**keys, "train_files": prepared_keys["train_files"],
-                "validation_files": prepared_keys["validation_files"]}  # fmt: skip
+    """The run's inputs; ConfigError naming what differs if the dataset has other sources.
+
+    Without data files in the config (train_files and mixture empty) the rows are taken as
+    prepared: only the other keys, the tokenizer and the template are compared.
+    """
+    keys, prepared_keys = array_keys(data, mix), manifest["data"]
     differ = [
         f"data.{k}={keys.get(k)!r} (prepared with {prepared_keys.get(k)!r})"
         for k in sorted(keys.keys() | prepared_keys.keys())
         if keys.get(k) != prepared_keys.get(k)
     ]
-    inputs = contents.run_inputs(data, template, data_files=not no_files)
-    if no_files:
-        inputs = {**{k: v for k, v in manifest["inputs"].items() if k in contents.DATA_KEYS},
-                  **inputs}  # fmt: skip
+    with_files = bool(data.train_files or mix)
+    inputs = contents.run_inputs(data, template, data_files=with_files)
+    if not with_files:
+        kept = {k: v for k, v in manifest["inputs"].items() if k in contents.DATA_KEYS}
+        inputs = {**kept, **inputs}
     for key in sorted(inputs.keys() | manifest["inputs"].keys()):
         found = contents.differences(manifest["inputs"].get(key, []), inputs.get(key, []))
         differ += [f"{key}: {d}" for d in found]
