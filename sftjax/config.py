@@ -251,6 +251,11 @@ def _file_errors(config: ml_collections.ConfigDict) -> list[str]:
         mix, errors = [], [str(e)]
     for source in mix:
         errors += _data_file_errors(f"data.mixture ({source.name})", source.files)
+    if mix and str(data.validation_files).strip():
+        errors.append(
+            "config.data.validation_files does not go with config.data.mixture: each source's "
+            "held-out rows come from data.validation_fraction; leave validation_files empty"
+        )
     if mix and str(data.train_files).strip():
         errors.append(
             "config.data.mixture and config.data.train_files are both set: the mixture's "

@@ -47,7 +47,7 @@ def prepare(
     A rerun in the same workdir (e.g. after SIGTERM) reuses what the first run wrote, so the
     training resumes on the same data; it must ask for the same data, or it is refused.
     """
-    data = workdir / "data"
+    data = workdir / "demo_rows"  # WORKDIR/data is where fit prepares them
     made = {
         "train_rows": train_rows,
         "validation_rows": validation_rows,
@@ -64,7 +64,8 @@ def prepare(
                 "flags to resume, or give a new --workdir"
             )
     else:
-        ours = {"data", "tokenizer", workdir_lock.LOCK_NAME, f"{workdir_lock.LOCK_NAME}.takeover"}
+        lock = workdir_lock.LOCK_NAME
+        ours = {"demo_rows", "tokenizer", lock, f"{lock}.takeover"}
         if workdir.exists() and {p.name for p in workdir.iterdir()} - ours:
             raise config_lib.ConfigError(
                 f"{workdir} is not empty and holds no demo data; give a new --workdir"

@@ -50,7 +50,7 @@ def test_demo_learns_to_follow_unseen_instructions(tmp_path):
     assert min(losses[-patience:]) >= min(losses[:-patience]) - min_delta
     assert min(r["loss"] for r in evals) < 0.5 * evals[0]["loss"]  # validation loss fell
     assert results["best_val_loss"] == min(r["loss"] for r in evals)
-    test_rows = (workdir / "data/test.jsonl").read_text().splitlines()
+    test_rows = (workdir / "demo_rows/test.jsonl").read_text().splitlines()
     tasks = [json.loads(line)["task"] for line in test_rows]
     assert len(set(tasks)) == 10 and min(tasks.count(t) for t in set(tasks)) >= 20
     assert results["accuracy"]["overall"] >= ACCURACY_FLOOR, results["accuracy"]

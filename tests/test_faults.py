@@ -333,7 +333,7 @@ def test_demo_resumes_after_sigterm(tmp_path):
 
     other = _run("sftjax.demo", *args[:1], "--train_rows=300")  # other data: refused
     _assert_user_error(other, "holds demo data made with")
-    shutil.rmtree(workdir / "data")
+    shutil.rmtree(workdir / "demo_rows")
     assert _run("sftjax.demo", *args).returncode == 2  # no demo data, not empty: refused
 
 

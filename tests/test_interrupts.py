@@ -33,7 +33,7 @@ from sftjax import loop, train
 from sftjax.data import pipeline
 
 phase = sys.argv.pop(1)
-module, name = {"data": (pipeline, "load_splits"), "export": (loop, "_finish"),
+module, name = {"data": (pipeline, "read_splits"), "export": (loop, "_finish"),
                 "step": (train, "global_batch")}[phase]
 real = getattr(module, name)
 
@@ -152,7 +152,7 @@ def test_signals_outside_the_loop_exit_0_and_a_failed_export_exits_4(lora_run, t
     output = run.finish()
     assert run.process.returncode == 0, output[-3000:]
     assert "preempted: saved step 4; rerun the same command to resume" in output
-    assert _workdir_files(workdir) == ["checkpoints", "metrics.jsonl", "tensorboard"]
+    assert _workdir_files(workdir) == ["checkpoints", "data", "metrics.jsonl", "tensorboard"]
 
     # The rerun trains nothing and exports, but the disk "fills up": no file may grow past
     # 300 kB (Python ignores SIGXFSZ, so the write fails with EFBIG as it would with ENOSPC).
@@ -180,7 +180,7 @@ def test_signals_outside_the_loop_exit_0_and_a_failed_export_exits_4(lora_run, t
     assert "Traceback" not in done.stderr
     assert "resumed from step 4" in done.stderr  # it went straight to the export
     assert _workdir_files(workdir) == [
-        "checkpoints", "hf_export", "metrics.jsonl", "peft_adapter", "tensorboard",
+        "checkpoints", "data", "hf_export", "metrics.jsonl", "peft_adapter", "tensorboard",
     ]  # fmt: skip
     for export in ("hf_export", "peft_adapter"):  # as they were
         assert _workdir_files(workdir / export) == ["config.json"]

@@ -69,7 +69,8 @@ def _all_batches(split, mix, process_index, process_count):
 
 
 @pytest.mark.parametrize("case", CASES)
-def test_prepared_batches_equal_unprepared_bit_for_bit(corpus, tok, tmp_path, case):
+def test_prepared_batches_equal_unprepared_bit_for_bit(corpus, tok, tmp_path, case, monkeypatch):
+    monkeypatch.setattr(prepare, "CHUNK_ROWS", 37)  # encoded in several chunks, as 1M rows are
     data = _case(corpus, case)
     manifest = prepare.prepare(data, tmp_path / "prepared", tok, progress=False)
     ready = prepare.open_prepared(paths.resolve(tmp_path / "prepared"), manifest)
@@ -106,6 +107,7 @@ def test_prepared_batches_equal_unprepared_bit_for_bit(corpus, tok, tmp_path, ca
             assert stored == len(own)  # every example of the source, once
             counted = manifest["sources"][s]
             assert counted["train_examples"] + counted["validation_examples"] == len(own)
+            assert counted["train_tokens"] + counted["validation_tokens"] == sum(map(len, own))
             assert counted["dropped_overlong"] == report.overlong_dropped
         assert [s["rows_read"] for s in manifest["sources"]] == [240, 80]
 
@@ -301,7 +303,7 @@ def test_prepare_command_writes_a_dataset_and_refuses_mistakes_in_one_line(corpu
             "--config.data.seq_len=96", "--config.data.validation_fraction=0.2"]  # fmt: skip
     done = _prepare_cli(*data, f"--out={tmp_path / 'out'}")
     assert done.returncode == 0, done.stderr[-2000:]
-    assert "source chats: train" in done.stdout and "rows read 80" in done.stdout
+    assert "source chats (" in done.stdout and "rows read 80," in done.stdout
     assert f"--config.data.prepared={tmp_path / 'out'}" in done.stderr
     (tmp_path / "mine").mkdir()
     (tmp_path / "mine" / "notes.txt").write_text("keep me")

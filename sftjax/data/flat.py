@@ -17,6 +17,7 @@ import os
 import threading
 from collections.abc import Sequence
 
+import fsspec
 import numpy as np
 
 from sftjax import paths
@@ -150,27 +151,28 @@ def open_split(directory: paths.Path) -> Split:
 
 
 class RemoteArray:
-    """A flat array in object storage, read by byte ranges (one open file per thread)."""
+    """A flat array in object storage, read by byte ranges through one open file per thread
+    (small blocks: examples of a shuffled epoch lie far apart, read-ahead would be wasted)."""
+
+    BLOCK_BYTES = 1 << 18
 
     def __init__(self, file: paths.Path, dtype: np.dtype):
-        self.file, self.dtype = file, dtype
-        self._size = file.stat().length // dtype.itemsize
+        self.dtype = dtype
+        self._fs, self._path = fsspec.core.url_to_fs(os.fspath(file))
+        self._size = self._fs.size(self._path) // dtype.itemsize
         self._local = threading.local()
 
     def __len__(self) -> int:
         return self._size
-
-    def _handle(self):
-        if getattr(self._local, "f", None) is None:
-            self._local.f = self.file.open("rb")
-        return self._local.f
 
     def __getitem__(self, item: slice) -> np.ndarray:
         start, stop, _ = item.indices(self._size)
         return self.read_spans([start], [stop])[0]
 
     def read_spans(self, starts, ends) -> list[np.ndarray]:
-        f, size = self._handle(), self.dtype.itemsize
+        if getattr(self._local, "file", None) is None:
+            self._local.file = self._fs.open(self._path, "rb", block_size=self.BLOCK_BYTES)
+        f, size = self._local.file, self.dtype.itemsize
         out = []
         for start, end in zip(starts, ends, strict=True):
             f.seek(int(start) * size)

@@ -100,17 +100,23 @@ def prepare(
     example is left, MixtureError for a malformed data.mixture.
     """
     start = time.perf_counter()
+    out = paths.resolve(out)
+    _check_replaceable(out)
     tok = tokenize.load_tokenizer(data.tokenizer) if tok is None else tok
     template = pipeline.make_template(data, tok) if template is None else template
     mix = pipeline.sources(data)
     inputs = contents.run_inputs(data, template) if inputs is None else inputs
     keys = array_keys(data, mix)
+    log.info("reading, checking and splitting the rows (then encoding them)")
     train_rows, validation_rows, report = pipeline.read_splits(
         data, pipeline.overlong_rows(data, tok, template)
     )
+    log.info(
+        "%d training and %d validation rows after %.1f s (grouping %.1f s)",
+        len(train_rows), len(validation_rows), time.perf_counter() - start,
+        report.grouping_seconds,
+    )  # fmt: skip
     source_of_file = _source_of_file(mix)
-    out = paths.resolve(out)
-    _check_replaceable(out)
     staging = _staging_dir(out)
     counts, per_source, max_id = {}, [], 0
     bar = tqdm.tqdm(
@@ -121,7 +127,7 @@ def prepare(
         with bar:
             for name, rows in (("train", train_rows), ("validation", validation_rows)):
                 writer = flat.Writer(os.path.join(staging, name))
-                by_source = np.zeros(max(len(mix), 1), np.int64)
+                by_source = np.zeros((2, max(len(mix), 1)), np.int64)  # examples, tokens
                 for first in range(0, len(rows), CHUNK_ROWS):
                     chunk = rows[first : first + CHUNK_ROWS]
                     kept, examples = pipeline.encode_indexed(
@@ -129,7 +135,8 @@ def prepare(
                     )
                     ids = [source_of_file(chunk[i].source) for i in kept]
                     writer.append(examples, ids)
-                    np.add.at(by_source, ids, 1)
+                    np.add.at(by_source[0], ids, 1)
+                    np.add.at(by_source[1], ids, [len(e) for e in examples])
                     bar.update(len(chunk))
                 counts[name] = writer.close()
                 max_id = max(max_id, writer.max_token_id)
@@ -142,15 +149,16 @@ def prepare(
     if not report.train_examples:
         shutil.rmtree(staging, ignore_errors=True)
         raise pipeline.no_examples_error(data, report, len(train_rows))
+    table = _source_table(mix, report, per_source)
     manifest = {
         "version": FORMAT_VERSION,
         "fingerprint": fingerprint(keys, inputs),
         "data": keys,
         "inputs": inputs,
-        "sources": _source_table(mix, report, per_source),
+        "sources": table,
         "splits": counts,
         "max_token_id": max_id,
-        "report": report.summary(),
+        "report": "\n".join([report.summary(), *map(_source_line, table if mix else [])]),
         "prepare_seconds": round(time.perf_counter() - start, 2),
     }
     _publish(staging, out, manifest)
@@ -173,21 +181,34 @@ def _source_of_file(mix: list[mixture.Source]):
 
 
 def _source_table(mix, report: pipeline.DataReport, per_source: list[np.ndarray]) -> list[dict]:
-    """Per source: rows read/bad/duplicates, examples per split, rows not trained (over-long)."""
+    """Per source: rows read/bad/duplicates, examples and tokens per split, over-long rows
+    dropped (rows kept by reading that are in neither split)."""
+    counted = [
+        {f"{split}_{what}": int(per_source[i][j][s]) for i, split in enumerate(SPLITS)
+         for j, what in enumerate(("examples", "tokens"))}
+        for s in range(max(len(mix), 1))
+    ]  # fmt: skip
     if not mix:
         return [{"name": "", "files": "", "format": report.train_records.format, "weight": 1.0,
-                 "unit": "tokens", "train_examples": int(per_source[0][0]),
-                 "validation_examples": int(per_source[1][0])}]  # fmt: skip
+                 "unit": "tokens", **counted[0]}]  # fmt: skip
     table = []
-    for s, (source, counts) in enumerate(zip(mix, report.source_records, strict=True)):
-        train, validation = int(per_source[0][s]), int(per_source[1][s])
+    for source, counts, own in zip(mix, report.source_records, counted, strict=True):
         table.append(
             {**dataclasses.asdict(source), "rows_read": counts.rows_read,
-             "bad_rows": counts.bad_rows, "duplicates": counts.duplicates,
-             "train_examples": train, "validation_examples": validation,
-             "dropped_overlong": counts.rows_kept - train - validation}
+             "bad_rows": counts.bad_rows, "duplicates": counts.duplicates, **own,
+             "dropped_overlong": counts.rows_kept - own["train_examples"]
+             - own["validation_examples"]}
         )  # fmt: skip
     return table
+
+
+def _source_line(s: dict) -> str:
+    return (
+        f"source {s['name']} ({s['files']}, weight {s['weight']:g} in {s['unit']}): rows read "
+        f"{s['rows_read']}, bad {s['bad_rows']}, duplicates {s['duplicates']}, over-long dropped "
+        f"{s['dropped_overlong']}; train {s['train_examples']} examples, {s['train_tokens']} "
+        f"tokens; validation {s['validation_examples']} examples, {s['validation_tokens']} tokens"
+    )
 
 
 def _staging_dir(out: paths.Path) -> str:
@@ -272,6 +293,13 @@ def ensure(
     expected = fingerprint(array_keys(data, mix), inputs)
     directory = workdir / "data"
     manifest = read_manifest(directory)
+    half_written = process_index > 0  # (process 0 may be uploading into it right now)
+    if manifest is None and not half_written and directory.exists() and any(directory.iterdir()):
+        raise config_lib.ConfigError(
+            f"{directory} holds files that are not a prepared dataset, and fit prepares the "
+            "data there: move them out, or prepare elsewhere (python -m sftjax.data.prepare "
+            "--out=DIR) and set data.prepared=DIR"
+        )
     if manifest is None or manifest["fingerprint"] != expected:
         if process_index == 0:
             log.info("preparing the data into %s (once: later starts reuse it)", directory)
@@ -333,17 +361,6 @@ def main(argv) -> None:
     config_lib.validate_keys(flags.FLAGS.config, "data")
     manifest = prepare(flags.FLAGS.config.data, out)
     print(manifest["report"])
-    for s in manifest["sources"]:
-        print(
-            f"source {s['name'] or '(train_files)'}: train {s['train_examples']} examples, "
-            f"validation {s['validation_examples']}"
-            + (
-                f", rows read {s['rows_read']}, bad {s['bad_rows']}, duplicates "
-                f"{s['duplicates']}, over-long dropped {s['dropped_overlong']}"
-                if "rows_read" in s
-                else ""
-            )  # fmt: skip
-        )
     split = manifest["splits"]["train"]
     print(
         f"prepared {out}: {split['examples']} training examples, {split['tokens']} "
