@@ -2,30 +2,36 @@
 
 Run: python benchmarks/data_startup.py [--sizes 10000,100000,1000000 --before_max_rows 100000]
 
-For each size, distinct synthetic Alpaca-style rows (instruction, optional input, response; words
-drawn at random from the Llama-2 vocabulary's whole-word pieces, so no two prompts are near
-duplicates; ~150-250 tokens an example with the Alpaca template) are written as JSONL files of
-at most 100,000 rows. Each phase then runs in a fresh subprocess, so its peak RSS (os.wait4's
-ru_maxrss of that child) is that phase's alone, and times the data phase the way
+For each size, distinct synthetic Alpaca-style rows (instruction, optional input, response;
+words drawn at random from the Llama-2 vocabulary's whole-word pieces, so no two prompts are
+near duplicates; ~190 tokens an example with the Alpaca template) are written as JSONL files of
+at most 100,000 rows. Each phase then runs in a fresh subprocess, so its peak RSS is that
+phase's alone (the child's own VmHWM; wait4's ru_maxrss, which Linux starts from the spawning
+parent's peak, is kept as a cross-check), and times the data phase the way
 `sftjax/loop.py::_prepare` does it: load the tokenizer, make the template, get the data, plan
 data.num_epochs of training rows, build the training dataset, materialise the validation
 batches, draw the first training batch (through `batches.iterate`, as the loop does). The
 config is configs/base.py with data.seq_len 2048, train.batch_size 64, data.num_epochs 3.
+Imports happen before the clock starts (their RSS is reported as rss_after_imports_mib).
 
 Phases:
-- `before`: the start as it was before prepared data. `pipeline.load_splits` (read, validate,
-  dedup, group, split, encode every row into Example objects), then
+- `before`: the start as it was before prepared data, measured as `pipeline.load_splits` (read,
+  validate, dedup, group, split, encode every row into Example objects), then
   `batches.train_dataset(flat.from_examples(train), ...)` and
   `list(batches.validation_batches(flat.from_examples(validation), ...))`. It runs only up to
-  `--before_max_rows` rows (1M rows need ~25 GiB this way); larger sizes print "not run".
+  `--before_max_rows` rows (1M rows need ~25 GiB this way); larger sizes say "not run".
 - `first`: `prepare.ensure` into an empty workdir (the first start: prepares WORKDIR/data).
 - `restart`: `prepare.ensure` again on the same workdir (reuses the prepared arrays).
 
-Prints a table to stderr (with first/before and restart/before ratios of time and peak RSS per
-size) and one JSON line per size on stdout. Goals (issue 21): at 1M rows the restart's data
-phase ≤ 10 s and its peak RSS ≤ 4 GiB; the first preparation no slower than the old start.
-`--profile restart` (or first/before) writes cProfile stats of that phase to --profile_dir
-and prints its top functions to stderr.
+`--repeats N` runs the three phases N times, interleaved, and keeps each phase's fastest run
+(every run's seconds are in the JSON; peak RSS is the highest of the runs). Prints one JSON
+line per size on stdout, then a table on stderr with first/before and restart/before ratios of
+time and peak RSS per size. Goals (issue 21): at 1M rows the restart's data phase <= 10 s and
+its peak RSS <= 4 GiB; the first preparation no slower than the old start.
+`--profile restart` (or a comma list of phases) runs each named phase once more, after the
+timed runs, under cProfile: its stats go to --profile_dir/<phase>-<rows>.prof and its top
+functions to stderr; the profiled run's numbers are in the JSON as "profiled_<phase>", apart
+from the timed ones (the profiler slows a phase down).
 """
 
 import argparse
@@ -57,20 +63,22 @@ def _words(tokenizer_dir: pathlib.Path) -> list[str]:
 
 
 def write_rows(directory: pathlib.Path, n: int, words: list[str], seed: int) -> None:
-    """n distinct Alpaca rows as JSONL files of ≤ ROWS_PER_FILE rows each."""
+    """n distinct Alpaca rows as JSONL files of <= ROWS_PER_FILE rows each, written a line at a
+    time so this (parent) process stays small: a child's peak RSS starts from it."""
     rng = random.Random(seed)
     directory.mkdir(parents=True)
     for first in range(0, n, ROWS_PER_FILE):
-        lines = []
-        for _ in range(min(ROWS_PER_FILE, n - first)):
-            has_input = rng.random() < 0.4
-            row = {
-                "instruction": " ".join(rng.choices(words, k=rng.randint(8, 30))) + "?",
-                "input": " ".join(rng.choices(words, k=rng.randint(10, 50))) if has_input else "",
-                "response": " ".join(rng.choices(words, k=rng.randint(90, 190))) + ".",
-            }
-            lines.append(json.dumps(row))
-        (directory / f"rows-{first // ROWS_PER_FILE:05d}.jsonl").write_text("\n".join(lines))
+        with open(directory / f"rows-{first // ROWS_PER_FILE:05d}.jsonl", "w") as f:
+            for _ in range(min(ROWS_PER_FILE, n - first)):
+                has_input = rng.random() < 0.4
+                row = {
+                    "instruction": " ".join(rng.choices(words, k=rng.randint(8, 30))) + "?",
+                    "input": " ".join(rng.choices(words, k=rng.randint(10, 50)))
+                    if has_input
+                    else "",
+                    "response": " ".join(rng.choices(words, k=rng.randint(90, 190))) + ".",
+                }
+                f.write(json.dumps(row) + "\n")
 
 
 def _config(files: str, tokenizer: str):
@@ -143,14 +151,21 @@ def data_phase(phase: str, config, workdir: str) -> dict:
     }
 
 
+def _own_peak_kib() -> int:
+    """This process's own peak RSS (VmHWM, KiB): unlike ru_maxrss, not raised by the RSS of
+    the parent it was spawned from."""
+    for line in pathlib.Path("/proc/self/status").read_text().splitlines():
+        if line.startswith("VmHWM:"):
+            return int(line.split()[1])
+    raise RuntimeError("no VmHWM in /proc/self/status (Linux only)")
+
+
 def child(args) -> None:
     """One phase in this (fresh) process; its result as JSON in args.result."""
-    import resource
-
     config = _config(args.files, args.tokenizer)
     from sftjax.data import batches, pipeline, prepare  # noqa: F401  (imports before the clock)
 
-    rss_imports = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+    rss_imports = _own_peak_kib()
     if args.profile:
         import cProfile
         import pstats
@@ -164,18 +179,20 @@ def child(args) -> None:
     else:
         result = data_phase(args.child, config, args.workdir)
     result["rss_after_imports_mib"] = round(rss_imports / 1024)
+    result["peak_rss_gib"] = round(_own_peak_kib() / 2**20, 3)
     pathlib.Path(args.result).write_text(json.dumps(result))
 
 
-def run_phase(phase: str, files: str, workdir: pathlib.Path, args, tmp: pathlib.Path) -> dict:
+def run_phase(
+    phase: str, files: str, workdir: pathlib.Path, args, tmp: pathlib.Path, profile: str = ""
+) -> dict:
     """A fresh subprocess for `phase`: its result plus its own peak RSS (wait4)."""
     result_file = tmp / f"{phase}-result.json"
     command = [sys.executable, __file__, "--child", phase, "--files", files,
                "--workdir", str(workdir), "--tokenizer", args.tokenizer,
                "--result", str(result_file)]  # fmt: skip
-    if args.profile == phase:
-        os.makedirs(args.profile_dir, exist_ok=True)
-        command += ["--profile", os.path.join(args.profile_dir, f"{phase}-{workdir.name}.prof")]
+    if profile:
+        command += ["--profile", profile]
     env = {**os.environ, "PYTHONPATH": str(ROOT), "JAX_PLATFORMS": "cpu"}
     start = time.perf_counter()
     process = subprocess.Popen(command, env=env, stdout=sys.stderr)
@@ -185,9 +202,22 @@ def run_phase(phase: str, files: str, workdir: pathlib.Path, args, tmp: pathlib.
     if process.returncode:
         raise SystemExit(f"{phase} failed (exit {process.returncode})")
     result = json.loads(result_file.read_text())
-    result["peak_rss_gib"] = round(usage.ru_maxrss / 2**20, 3)
+    # wait4's ru_maxrss of the child: at least its VmHWM (a cross-check; Linux starts it from
+    # the spawning parent's peak, small here)
+    result["ru_maxrss_gib"] = round(usage.ru_maxrss / 2**20, 3)
     result["process_wall_s"] = round(wall, 1)
     return result
+
+
+def _fastest(runs: list[dict]) -> dict | None:
+    """The fastest of a phase's repeats (the least disturbed on a shared machine), with every
+    repeat's seconds and the highest peak RSS among them."""
+    if not runs:
+        return None
+    best = dict(min(runs, key=lambda r: r["seconds"]))
+    best["all_seconds"] = [r["seconds"] for r in runs]
+    best["peak_rss_gib"] = max(r["peak_rss_gib"] for r in runs)
+    return best
 
 
 def _ratio(a: dict | None, b: dict | None, key: str) -> float | None:
@@ -201,8 +231,11 @@ def main() -> None:
     parser.add_argument("--tokenizer", default=str(SHARED / "llama2_tokenizer"))
     parser.add_argument("--tmp", default=None, help="where rows and workdirs go (deleted)")
     parser.add_argument("--seed", type=int, default=0)
-    parser.add_argument("--profile", choices=PHASES, default=None)
-    parser.add_argument("--profile_dir", default="profiles")
+    parser.add_argument("--repeats", type=int, default=1, help="runs of each phase; the fastest")
+    parser.add_argument("--profile", default="", help="comma list of phases to profile")
+    parser.add_argument(
+        "--profile_dir", default=os.path.join(tempfile.gettempdir(), "data_startup")
+    )
     # one phase in a child process (run_phase)
     for name in ("--child", "--files", "--workdir", "--result"):
         parser.add_argument(name, default=None, help=argparse.SUPPRESS)
@@ -210,6 +243,8 @@ def main() -> None:
     if args.child:
         child(args)
         return
+    if set(filter(None, args.profile.split(","))) - set(PHASES):
+        raise SystemExit(f"--profile={args.profile}: name phases among {','.join(PHASES)}")
     if not pathlib.Path(args.tokenizer, "tokenizer.json").exists():
         raise SystemExit(f"{args.tokenizer}: no tokenizer.json; pass --tokenizer=DIR")
     words = _words(pathlib.Path(args.tokenizer))
@@ -224,18 +259,32 @@ def main() -> None:
             print(f"{n} rows written in {time.perf_counter() - start:.1f} s", file=sys.stderr)
             files = str(rows_dir / "*.jsonl")
             results: dict = {"rows": n}
-            if n <= args.before_max_rows:
-                results["before"] = run_phase("before", files, tmp / f"before-{n}", args, tmp)
-            else:
-                results["before"] = None
+            runs: dict[str, list[dict]] = {p: [] for p in PHASES}
+            workdir = tmp / f"workdir-{n}"
+            for _ in range(args.repeats):  # phases interleaved: load drifts hit each alike
+                if n <= args.before_max_rows:
+                    runs["before"].append(run_phase("before", files, tmp / "none", args, tmp))
+                shutil.rmtree(workdir, ignore_errors=True)
+                workdir.mkdir()
+                runs["first"].append(run_phase("first", files, workdir, args, tmp))
+                runs["restart"].append(run_phase("restart", files, workdir, args, tmp))
+            for phase, found in runs.items():
+                results[phase] = _fastest(found)
+            for phase in filter(None, args.profile.split(",")):
+                if phase == "before" and n > args.before_max_rows:
+                    continue
+                if phase == "first":  # an empty workdir again
+                    shutil.rmtree(workdir)
+                    workdir.mkdir()
+                os.makedirs(args.profile_dir, exist_ok=True)
+                stats = os.path.abspath(os.path.join(args.profile_dir, f"{phase}-{n}.prof"))
+                found = run_phase(phase, files, workdir, args, tmp, profile=stats)
+                results[f"profiled_{phase}"] = found
+            if not runs["before"]:
                 results["before_not_run"] = (
                     f"not run: {n} rows > --before_max_rows {args.before_max_rows} (the old "
                     "start holds every example as Python objects, ~25 GiB at 1M rows)"
                 )
-            workdir = tmp / f"workdir-{n}"
-            workdir.mkdir()
-            results["first"] = run_phase("first", files, workdir, args, tmp)
-            results["restart"] = run_phase("restart", files, workdir, args, tmp)
             before, first, restart = (results[p] for p in PHASES)
             results["ratios"] = {
                 "first_vs_before_s": _ratio(first, before, "seconds"),
