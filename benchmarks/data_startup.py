@@ -151,13 +151,20 @@ def data_phase(phase: str, config, workdir: str) -> dict:
     }
 
 
+def _status_kib(*keys: str) -> dict[str, int]:
+    """Fields of /proc/self/status in KiB (Linux)."""
+    found = {}
+    for line in pathlib.Path("/proc/self/status").read_text().splitlines():
+        key, _, value = line.partition(":")
+        if key in keys:
+            found[key] = int(value.split()[0])
+    return found
+
+
 def _own_peak_kib() -> int:
     """This process's own peak RSS (VmHWM, KiB): unlike ru_maxrss, not raised by the RSS of
     the parent it was spawned from."""
-    for line in pathlib.Path("/proc/self/status").read_text().splitlines():
-        if line.startswith("VmHWM:"):
-            return int(line.split()[1])
-    raise RuntimeError("no VmHWM in /proc/self/status (Linux only)")
+    return _status_kib("VmHWM")["VmHWM"]
 
 
 def child(args) -> None:
@@ -180,6 +187,11 @@ def child(args) -> None:
         result = data_phase(args.child, config, args.workdir)
     result["rss_after_imports_mib"] = round(rss_imports / 1024)
     result["peak_rss_gib"] = round(_own_peak_kib() / 2**20, 3)
+    # at the end: anonymous memory vs mapped file pages (the prepared arrays' page cache,
+    # which the kernel maps in large folios and may drop: it is not memory the start needs)
+    now = _status_kib("RssAnon", "RssFile")
+    result["end_rss_anon_mib"] = round(now["RssAnon"] / 1024)
+    result["end_rss_file_mib"] = round(now["RssFile"] / 1024)
     pathlib.Path(args.result).write_text(json.dumps(result))
 
 
