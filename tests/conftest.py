@@ -13,18 +13,12 @@ os.environ.setdefault("JAX_PLATFORMS", "cpu")
 # Tiny models: compile time dominates the suite, and XLA's optimisations halve it at no cost to
 # what is tested (same semantics; tolerances below hold). Subprocesses inherit it.
 os.environ.setdefault("JAX_DISABLE_MOST_OPTIMIZATIONS", "1")
-
-import jax  # noqa: E402
-import pytest  # noqa: E402
-
-jax.config.update("jax_numpy_rank_promotion", "raise")
-
-# CLI runs (subprocesses) of one config compile the same ~90 executables each; through JAX's
-# persistent compilation cache they compile once per session and load after that (same
-# executables, so the same numbers). Set after `import jax`: this process keeps compiling in
-# memory only (the TPU plans' big executables are compiled once anyway). The directory is this
-# session's own, empty at the start; a size limit turns on JAX's file lock, so two processes of
-# a pod never read an entry while the other writes it.
+# Tests and CLI runs rebuild the same jitted steps again and again (a fresh jit per trainer, ~90
+# executables per CLI run of one config): through JAX's persistent compilation cache each
+# compiles once per session and loads after that (the same executable, so the same numbers).
+# The directory is this session's own, empty at the start and removed at exit; subprocesses
+# inherit it. A size limit turns on JAX's file lock: the processes of a pod never read an entry
+# while another writes it. test_plan keeps its TPU plans out (tests/test_plan.py: optimized).
 _COMPILATION_CACHE = tempfile.mkdtemp(prefix="sftjax-tests-compilation-cache-")
 atexit.register(shutil.rmtree, _COMPILATION_CACHE, ignore_errors=True)
 os.environ.update(
@@ -33,6 +27,11 @@ os.environ.update(
     JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS="0",
     JAX_PERSISTENT_CACHE_MIN_ENTRY_SIZE_BYTES="0",
 )
+
+import jax  # noqa: E402
+import pytest  # noqa: E402
+
+jax.config.update("jax_numpy_rank_promotion", "raise")
 
 # Real artifacts (tokenizer, Alpaca rows, a trained tiny Llama) live beside the checkout.
 SHARED_DATA = pathlib.Path(
