@@ -26,11 +26,16 @@ def shipped(name: str):
 
 @pytest.fixture
 def optimized():
-    """Plans need XLA's real optimisations (conftest turns most off to compile tests faster)."""
+    """Plans need XLA's real optimisations (conftest turns most off to compile tests faster).
+
+    Each plan compiles once, so none is written to the session's compilation cache either."""
     before = jax.config.read("jax_disable_most_optimizations")
+    min_seconds = jax.config.jax_persistent_cache_min_compile_time_secs
     jax.config.update("jax_disable_most_optimizations", False)
+    jax.config.update("jax_persistent_cache_min_compile_time_secs", float("inf"))
     yield
     jax.config.update("jax_disable_most_optimizations", before)
+    jax.config.update("jax_persistent_cache_min_compile_time_secs", min_seconds)
 
 
 def test_topology_names():
