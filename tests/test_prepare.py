@@ -311,3 +311,22 @@ def test_prepare_command_writes_a_dataset_and_refuses_mistakes_in_one_line(corpu
     assert refused.returncode == 2 and "is not a prepared dataset" in refused.stderr
     assert len(refused.stderr.strip().splitlines()) == 1, refused.stderr
     assert (tmp_path / "mine" / "notes.txt").read_text() == "keep me"
+
+
+def test_a_mixture_resumes_from_the_iterator_state_exactly():
+    lengths, sources = _two_sources(300, 80)
+    tokens = np.arange(lengths.sum(), dtype=np.int32) % 997
+    offsets = np.r_[0, np.cumsum(lengths)]
+    split = flat.Split(tokens, tokens, np.ones(len(tokens), np.uint8), offsets, sources)
+    mix = mixture.parse("a.jsonl:1,b.jsonl:2", "auto", "tokens")
+    kw = dict(batch_size=4, seq_len=512, seed=1, num_epochs=3, process_index=0, process_count=1)
+    it = batches.train_batches(split, mix=mix, **kw)
+    for _ in range(20):  # past the first epoch (about 15 batches)
+        next(it)
+    state = json.loads(json.dumps(it.get_state()))  # as a checkpoint stores it
+    after = [next(it) for _ in range(5)]
+    resumed = batches.train_batches(split, mix=mix, **kw)
+    resumed.set_state(state)
+    for a, b in zip(after, [next(resumed) for _ in range(5)], strict=True):
+        for key in batches.KEYS:
+            np.testing.assert_array_equal(a[key], b[key])
