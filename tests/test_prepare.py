@@ -330,3 +330,16 @@ def test_a_mixture_resumes_from_the_iterator_state_exactly():
     for a, b in zip(after, [next(resumed) for _ in range(5)], strict=True):
         for key in batches.KEYS:
             np.testing.assert_array_equal(a[key], b[key])
+
+
+def test_new_mixture_weights_reuse_the_prepared_arrays_and_steer_the_draw(corpus, tok, tmp_path):
+    data = _case(corpus, "mixed")
+    template = pipeline.make_template(data, tok)
+    workdir = paths.resolve(tmp_path)
+    first = prepare.ensure(data, workdir, tok, template)[0]
+    data.mixture = f"{corpus[0]}:1,{corpus[1]}:4"
+    data.mixture_unit = "rows"
+    again = prepare.ensure(data, workdir, tok, template)[0]
+    assert again.manifest == first.manifest  # not prepared again: weights only steer the draw
+    assert [(s.weight, s.unit) for s in again.sources] == [(1.0, "rows"), (4.0, "rows")]
+    assert [(s.weight, s.unit) for s in first.sources] == [(3.0, "tokens"), (1.0, "tokens")]

@@ -255,11 +255,17 @@ def read_manifest(directory: paths.Path) -> dict | None:
     return manifest if manifest.get("version") == FORMAT_VERSION else None
 
 
-def open_prepared(directory: paths.Path, manifest: dict) -> Prepared:
-    sources = [mixture.Source(**{k: s[k] for k in ("name", "files", "weight", "format", "unit")})
-               for s in manifest["sources"]] if manifest["data"]["mixture"] else []  # fmt: skip
+def open_prepared(
+    directory: paths.Path, manifest: dict, mix: list[mixture.Source] | None = None
+) -> Prepared:
+    """The arrays of a prepared dataset. mix: the run's sources, whose weights and units may
+    differ from preparation (they only steer the draw); None: as prepared."""
+    if mix is None:
+        keys = ("name", "files", "weight", "format", "unit")
+        mix = [mixture.Source(**{k: s[k] for k in keys}) for s in manifest["sources"]]
+        mix = mix if manifest["data"]["mixture"] else []
     return Prepared(
-        directory, manifest, *(flat.open_split(directory / s) for s in SPLITS), sources=sources
+        directory, manifest, *(flat.open_split(directory / s) for s in SPLITS), sources=mix
     )
 
 
@@ -288,7 +294,7 @@ def ensure(
                 f"python -m sftjax.data.prepare --config=… --out={data.prepared} first"
             )
         inputs = _check_matches(data, mix, template, manifest)
-        return open_prepared(directory, manifest), inputs
+        return open_prepared(directory, manifest, mix if data.train_files or mix else None), inputs
     inputs = contents.run_inputs(data, template)
     expected = fingerprint(array_keys(data, mix), inputs)
     directory = workdir / "data"
@@ -308,7 +314,7 @@ def ensure(
             manifest = _wait_for(directory, expected)
     else:
         log.info("reusing the prepared data in %s", directory)
-    return open_prepared(directory, manifest), inputs
+    return open_prepared(directory, manifest, mix), inputs
 
 
 def _wait_for(directory: paths.Path, expected: str) -> dict:
