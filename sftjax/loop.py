@@ -178,14 +178,9 @@ def _prepare(config: ml_collections.ConfigDict, workdir: paths.Path) -> _Run:
         process_count=jax.process_count(),
         num_bins=config.data.packing_bins,
     )
-    train_plan = batches.train_plan(
-        data.train, seq_len=config.data.seq_len, seed=config.data.shuffle_seed,
-        num_epochs=config.data.num_epochs, pack=config.data.pack,
-        num_bins=config.data.packing_bins, mix=data.sources,
-    )  # fmt: skip
     train_data = batches.train_dataset(
         data.train, batch_size=config.train.batch_size, seed=config.data.shuffle_seed,
-        num_epochs=config.data.num_epochs, pack=config.data.pack, plan=train_plan, **data_kwargs,
+        num_epochs=config.data.num_epochs, pack=config.data.pack, mix=data.sources, **data_kwargs,
     )  # fmt: skip
     steps_in_data = len(train_data)
     total_steps = min(steps_in_data, config.train.num_steps or steps_in_data)

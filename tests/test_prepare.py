@@ -112,10 +112,6 @@ def test_prepared_batches_equal_unprepared_bit_for_bit(corpus, tok, tmp_path, ca
         assert [s["rows_read"] for s in manifest["sources"]] == [240, 80]
 
 
-def _rewrite(file, text):
-    file.write_text(text)
-
-
 def test_changed_content_under_a_prepared_dir_is_caught(corpus, tok, tmp_path):
     train = tmp_path / "train.jsonl"
     shutil.copy(corpus[0], train)

@@ -185,7 +185,8 @@ def train_dataset(
     """All of this process's training batches, random access; len() = steps in the run.
 
     batch_size is global. Epochs follow each other without a gap; only the run's last batch
-    is padded. plan: train_plan(...) of the same arguments, when the caller has it already.
+    is padded. plan: train_plan(...) of the same arguments, computed beforehand (the start-up
+    benchmark times it on its own).
     """
     if plan is None:
         plan = train_plan(

@@ -60,8 +60,8 @@ class Split:
 
     def spans(self, indices: Sequence[int]) -> dict[str, list[np.ndarray]]:
         """The token arrays of `indices`, in that order: what one batch reads."""
-        starts = self.offsets[np.asarray(indices, np.int64)]
-        ends = self.offsets[np.asarray(indices, np.int64) + 1]
+        indices = np.asarray(indices, np.int64)
+        starts, ends = self.offsets[indices], self.offsets[indices + 1]
         out = {}
         for name in TOKEN_ARRAYS:
             array = getattr(self, name)
